@@ -1,0 +1,3 @@
+//! The `ddim` command line.
+
+fn main() {}
