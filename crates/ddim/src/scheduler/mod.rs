@@ -1,0 +1,249 @@
+//! Noise schedulers at diffusers parity: [`DDIMScheduler`] (Song et al. 2020, eq. 12),
+//! [`DDPMScheduler`] (Ho et al. 2020, eq. 6-7) and [`DDIMInverseScheduler`] (x_0 -> x_T),
+//! configured by diffusers' `scheduler_config.json` ([`SchedulerConfig`]).
+//!
+//! Schedulers never draw noise: a step that needs noise takes it as an argument, so the caller's
+//! generator decides every random number. `eta` is an argument of each DDIM step, not a setting.
+//! The previous timestep of a step is read off the timestep list, never computed as `t - T/N`.
+
+mod config;
+mod ddim;
+mod ddim_inverse;
+mod ddpm;
+pub(crate) mod kernel;
+
+use candle_core::Tensor;
+
+pub use config::{
+    LoadedSchedulerConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    VarianceType,
+};
+pub use ddim::DDIMScheduler;
+pub use ddim_inverse::DDIMInverseScheduler;
+pub use ddpm::DDPMScheduler;
+
+use crate::{Error, Result};
+
+/// What one scheduler step returns.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    /// The sample at the next timestep of the schedule (x_{t-1} when sampling, x_{t+1} when inverting).
+    pub prev_sample: Tensor,
+    /// The model's prediction of x_0 at this step (after clipping or thresholding).
+    pub pred_original_sample: Tensor,
+}
+
+/// The inference timesteps of `spacing`, in the order they are visited when sampling (descending).
+///
+/// `leading` adds `steps_offset`; the others ignore it, as in diffusers. Errors name the value
+/// when `num_inference_steps` is 0 or exceeds `num_train_timesteps`, or when the offset pushes a
+/// timestep past the end.
+pub fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: usize,
+) -> Result<Vec<usize>> {
+    let t_max = num_train_timesteps;
+    let n = num_inference_steps;
+    if n == 0 || n > t_max {
+        return Err(Error::argument(
+            "num_inference_steps",
+            n,
+            format!("must be between 1 and num_train_timesteps = {t_max}"),
+        ));
+    }
+    let mut ts: Vec<usize> = match spacing {
+        TimestepSpacing::Leading => {
+            let ratio = t_max / n;
+            (0..n).rev().map(|i| i * ratio + steps_offset).collect()
+        }
+        TimestepSpacing::Linspace => {
+            // np.linspace(0, T - 1, N).round(): numpy rounds half to even.
+            let stop = (t_max - 1) as f64;
+            let step = if n > 1 { stop / (n - 1) as f64 } else { 0.0 };
+            (0..n)
+                .rev()
+                .map(|i| {
+                    // numpy: the last value is `stop` exactly, except that N = 1 gives `[start]`.
+                    let v = if i == n - 1 && n > 1 { stop } else { i as f64 * step };
+                    v.round_ties_even() as usize
+                })
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            // np.round(np.arange(T, 0, -T/N)) - 1, with numpy's arange arithmetic: the values are
+            // start + i * delta where delta = (start + step) - start.
+            let step = -(t_max as f64 / n as f64);
+            let start = t_max as f64;
+            let delta = (start + step) - start;
+            (0..n)
+                .map(|i| {
+                    let v = (start + i as f64 * delta).round_ties_even();
+                    (v as usize).saturating_sub(1)
+                })
+                .collect()
+        }
+        TimestepSpacing::Quad => {
+            // The official DDIM code: int(linspace(0, sqrt(0.8 T), N)²), visited in reverse.
+            // Repeated small values are merged: a step from t to the same t is the identity
+            // (zero variance, same ᾱ), so merging changes nothing but the work done.
+            let stop = (0.8 * t_max as f64).sqrt();
+            let step = if n > 1 { stop / (n - 1) as f64 } else { 0.0 };
+            let mut v: Vec<usize> = (0..n)
+                .map(|i| {
+                    let s = if i == n - 1 && n > 1 { stop } else { i as f64 * step };
+                    (s * s) as usize
+                })
+                .collect();
+            v.dedup();
+            v.reverse();
+            v
+        }
+    };
+    if let Some(&first) = ts.iter().max() {
+        if first >= t_max {
+            return Err(Error::argument(
+                "steps_offset",
+                steps_offset,
+                format!(
+                    "with {n} leading steps it gives timestep {first}, past the last training \
+                     timestep {}; lower steps_offset or the number of steps",
+                    t_max - 1
+                ),
+            ));
+        }
+    }
+    ts.dedup();
+    Ok(ts)
+}
+
+/// The noise levels shared by every scheduler: betas and ᾱ_t (`alphas_cumprod`), float32 as in diffusers.
+#[derive(Clone, Debug)]
+pub(crate) struct NoiseLevels {
+    pub betas: Vec<f32>,
+    pub alphas_cumprod: Vec<f32>,
+}
+
+impl NoiseLevels {
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        config.validate()?;
+        let betas = config.betas()?;
+        let alphas_cumprod = crate::schedule::alphas_cumprod(&betas);
+        Ok(NoiseLevels {
+            betas,
+            alphas_cumprod,
+        })
+    }
+
+    /// ᾱ_t, or an error naming `t` when it is not a training timestep.
+    pub fn alpha_prod(&self, t: usize) -> Result<f32> {
+        self.alphas_cumprod.get(t).copied().ok_or_else(|| {
+            Error::argument(
+                "timestep",
+                t,
+                format!(
+                    "must be a training timestep in 0..{}",
+                    self.alphas_cumprod.len()
+                ),
+            )
+        })
+    }
+
+    /// Per-image (b, 1, ..., 1) tensors sqrt(ᾱ_t) and sqrt(1 - ᾱ_t) for `timesteps`.
+    fn coefficient_tensors(&self, like: &Tensor, timesteps: &[usize]) -> Result<(Tensor, Tensor)> {
+        let b = like.dim(0)?;
+        if timesteps.len() != b && timesteps.len() != 1 {
+            return Err(Error::argument(
+                "timesteps",
+                format!("{} values", timesteps.len()),
+                format!("one timestep per image (batch {b}) or a single one for all"),
+            ));
+        }
+        let mut sa = Vec::with_capacity(b);
+        let mut sb = Vec::with_capacity(b);
+        for i in 0..b {
+            let a = self.alpha_prod(timesteps[if timesteps.len() == 1 { 0 } else { i }])?;
+            sa.push(a.sqrt());
+            sb.push((1.0 - a).sqrt());
+        }
+        let mut shape = vec![1usize; like.rank()];
+        shape[0] = b;
+        let dtype = like.dtype();
+        let sa = Tensor::from_vec(sa, shape.as_slice(), like.device())?.to_dtype(dtype)?;
+        let sb = Tensor::from_vec(sb, shape.as_slice(), like.device())?.to_dtype(dtype)?;
+        Ok((sa, sb))
+    }
+
+    /// q(x_t | x_0): `sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`, one timestep per image.
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        same_shape("noise", noise, original)?;
+        let (sa, sb) = self.coefficient_tensors(original, timesteps)?;
+        Ok((original.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?)
+    }
+
+    /// The velocity target `v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0` (Salimans & Ho 2022).
+    pub fn get_velocity(&self, sample: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        same_shape("noise", noise, sample)?;
+        let (sa, sb) = self.coefficient_tensors(sample, timesteps)?;
+        Ok((noise.broadcast_mul(&sa)? - sample.broadcast_mul(&sb)?)?)
+    }
+}
+
+fn same_shape(name: &str, t: &Tensor, like: &Tensor) -> Result<()> {
+    if t.dims() != like.dims() {
+        return Err(Error::argument(
+            name,
+            format!("a tensor of shape {:?}", t.dims()),
+            format!("must have shape {:?}", like.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// The clip of x̂0 a config asks for.
+pub(crate) fn clip_of(config: &SchedulerConfig) -> kernel::Clip {
+    if config.thresholding {
+        kernel::Clip::Dynamic {
+            ratio: config.dynamic_thresholding_ratio as f32,
+            max: config.sample_max_value as f32,
+        }
+    } else if config.clip_sample {
+        kernel::Clip::Range(config.clip_sample_range as f32)
+    } else {
+        kernel::Clip::None
+    }
+}
+
+/// With zero terminal SNR, ᾱ_T = 0 and an epsilon model's x̂0 = (x_t - ε) / 0 is undefined
+/// (diffusers returns inf there, huggingface/diffusers#3851). We refuse such a step with an
+/// error that says what to change instead of returning inf.
+pub(crate) fn check_defined(prediction: PredictionType, t: usize, alpha_prod: f32) -> Result<()> {
+    if alpha_prod <= 0.0 && prediction == PredictionType::Epsilon {
+        return Err(Error::argument(
+            "timestep",
+            t,
+            "ᾱ_t = 0 here (zero terminal SNR), where an epsilon-prediction model cannot predict \
+             x_0; use a v_prediction or sample model with rescale_betas_zero_snr, or a timestep \
+             spacing that does not start at T-1 (e.g. leading)",
+        ));
+    }
+    Ok(())
+}
+
+/// `eta` must be finite and non-negative.
+pub(crate) fn check_eta(eta: f64) -> Result<()> {
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(Error::argument(
+            "eta",
+            eta,
+            "must be a finite number >= 0 (0 is deterministic DDIM, 1 has DDPM's variance)",
+        ));
+    }
+    Ok(())
+}
+
+/// Scales the model input; DDIM and DDPM use x_t unchanged (diffusers' `scale_model_input`).
+pub fn scale_model_input(sample: &Tensor) -> Tensor {
+    sample.clone()
+}
