@@ -115,7 +115,11 @@ pub fn betas_for_schedule(
 /// with `ᾱ(t) = cos²((t + 0.008) / 1.008 · π/2)`. Computed in f64 with real division `i / T`
 /// (an integer `i / T` would make every beta but the last zero), then rounded to float32.
 pub fn cosine_betas(num_train_timesteps: usize, max_beta: f64) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
     let n = num_train_timesteps as f64;
     (0..num_train_timesteps)
         .map(|i| {

@@ -161,8 +161,7 @@ fn full_loops_match_diffusers() {
                     let eps = dummy_model(&x, t);
                     let out = match vt {
                         "learned" => {
-                            let v = ((x.ones_like().unwrap() * 0.5).unwrap()
-                                * (t as f64 + 1.0))
+                            let v = ((x.ones_like().unwrap() * 0.5).unwrap() * (t as f64 + 1.0))
                                 .unwrap();
                             Tensor::cat(&[&eps, &(v / 1000.0).unwrap()], 1).unwrap()
                         }
@@ -199,7 +198,10 @@ fn full_loops_match_diffusers() {
             worst = (diff, name.to_string());
         }
     }
-    eprintln!("largest difference over all loops: {:e} ({})", worst.0, worst.1);
+    eprintln!(
+        "largest difference over all loops: {:e} ({})",
+        worst.0, worst.1
+    );
 }
 
 #[test]
@@ -227,7 +229,10 @@ fn ddim_variance_matches_diffusers() {
         let prev = (prev >= 0).then_some(prev as usize);
         let v = s.variance(t, prev).unwrap();
         let expected = case["variance"].as_f64().unwrap() as f32;
-        assert!((v - expected).abs() <= 1e-7, "({t}, {prev:?}): {v} vs {expected}");
+        assert!(
+            (v - expected).abs() <= 1e-7,
+            "({t}, {prev:?}): {v} vs {expected}"
+        );
     }
 }
 
@@ -272,14 +277,25 @@ fn inverse_full_loop(cfg: &SchedulerConfig) -> Tensor {
 
 fn assert_sums(x: &Tensor, sum: f32, mean: f32, what: &str) {
     let (s, m) = sums(x);
-    assert!((s - sum).abs() < 1e-2, "{what}: Σ|x| = {s}, diffusers {sum}");
-    assert!((m - mean).abs() < 1e-3, "{what}: mean|x| = {m}, diffusers {mean}");
+    assert!(
+        (s - sum).abs() < 1e-2,
+        "{what}: Σ|x| = {s}, diffusers {sum}"
+    );
+    assert!(
+        (m - mean).abs() < 1e-3,
+        "{what}: mean|x| = {m}, diffusers {mean}"
+    );
 }
 
 #[test]
 fn diffusers_suite_ddim_full_loop() {
     // test_full_loop_no_noise: 172.0067 / 0.223967
-    assert_sums(&ddim_full_loop(&diffusers_test_config("")), 172.0067, 0.223967, "default");
+    assert_sums(
+        &ddim_full_loop(&diffusers_test_config("")),
+        172.0067,
+        0.223967,
+        "default",
+    );
     // test_full_loop_with_v_prediction: 52.5302 / 0.0684
     let cfg = diffusers_test_config(r#", "prediction_type": "v_prediction""#);
     assert_sums(&ddim_full_loop(&cfg), 52.5302, 0.0684, "v_prediction");
@@ -287,7 +303,12 @@ fn diffusers_suite_ddim_full_loop() {
     let cfg = diffusers_test_config(r#", "set_alpha_to_one": true, "beta_start": 0.01"#);
     assert_sums(&ddim_full_loop(&cfg), 149.8295, 0.1951, "set_alpha_to_one");
     let cfg = diffusers_test_config(r#", "set_alpha_to_one": false, "beta_start": 0.01"#);
-    assert_sums(&ddim_full_loop(&cfg), 149.0784, 0.1941, "no set_alpha_to_one");
+    assert_sums(
+        &ddim_full_loop(&cfg),
+        149.0784,
+        0.1941,
+        "no set_alpha_to_one",
+    );
 }
 
 #[test]

@@ -322,7 +322,10 @@ impl SchedulerConfig {
         let mut cfg = SchedulerConfig::default();
         let mut unknown_keys = Vec::new();
         // The legacy `timesteps` key (GaussianDDPMScheduler) is T when `num_train_timesteps` is absent.
-        if let Some(v) = obj.get("num_train_timesteps").or_else(|| obj.get("timesteps")) {
+        if let Some(v) = obj
+            .get("num_train_timesteps")
+            .or_else(|| obj.get("timesteps"))
+        {
             cfg.num_train_timesteps = get_usize("num_train_timesteps", v)?;
             if cfg.num_train_timesteps == 0 {
                 return Err(Error::config(
@@ -350,7 +353,11 @@ impl SchedulerConfig {
                                 .collect::<Result<Vec<_>>>()?,
                         ),
                         other => {
-                            return Err(Error::config(key, short(other), "a list of numbers or null"))
+                            return Err(Error::config(
+                                key,
+                                short(other),
+                                "a list of numbers or null",
+                            ))
                         }
                     }
                 }
@@ -481,12 +488,11 @@ impl SchedulerConfig {
     /// Writes [`SchedulerConfig::to_json`] as pretty JSON to `path`.
     pub fn save(&self, kind: SchedulerKind, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let mut text = serde_json::to_string_pretty(&self.to_json(kind)).map_err(|source| {
-            Error::Json {
+        let mut text =
+            serde_json::to_string_pretty(&self.to_json(kind)).map_err(|source| Error::Json {
                 path: path.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         text.push('\n');
         std::fs::write(path, text).map_err(|source| Error::Io {
             path: path.to_path_buf(),

@@ -204,12 +204,22 @@ impl DDIMScheduler {
     }
 
     /// q(x_t | x_0) for one timestep per image (or one for all).
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         self.levels.add_noise(original, noise, timesteps)
     }
 
     /// The v-prediction target for one timestep per image (or one for all).
-    pub fn get_velocity(&self, sample: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn get_velocity(
+        &self,
+        sample: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         self.levels.get_velocity(sample, noise, timesteps)
     }
 

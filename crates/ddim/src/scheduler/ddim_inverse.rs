@@ -104,7 +104,12 @@ impl DDIMInverseScheduler {
     /// One inversion step to the noise level of `timestep`:
     /// `x_next = sqrt(ᾱ_next) x̂0 + sqrt(1 - ᾱ_next) ε̂`, where x̂0 and ε̂ come from the model output
     /// at the current level ᾱ_cur.
-    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> Result<StepOutput> {
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+    ) -> Result<StepOutput> {
         // 1. the level we come from, read off the schedule
         let a_cur = match self.start_timestep(timestep)? {
             Some(t) => self.levels.alpha_prod(t)?,
@@ -129,7 +134,8 @@ impl DDIMInverseScheduler {
             c_x: 0.0,
             noise_std: 0.0,
         };
-        let (prev_sample, pred_original_sample) = kernel::fused_step(&k, model_output, sample, None)?;
+        let (prev_sample, pred_original_sample) =
+            kernel::fused_step(&k, model_output, sample, None)?;
         Ok(StepOutput {
             prev_sample,
             pred_original_sample,

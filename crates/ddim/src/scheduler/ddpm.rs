@@ -81,7 +81,10 @@ impl DDPMScheduler {
             return Err(Error::argument(
                 "timesteps",
                 format!("{timesteps:?}"),
-                format!("must be strictly descending ({} is followed by {})", w[0], w[1]),
+                format!(
+                    "must be strictly descending ({} is followed by {})",
+                    w[0], w[1]
+                ),
             ));
         }
         if timesteps[0] >= t_max {
@@ -166,7 +169,10 @@ impl DDPMScheduler {
         );
         let c = sample.dim(1)?;
         let (model_output, predicted_variance) = if learned && model_output.dim(1)? == 2 * c {
-            (model_output.narrow(1, 0, c)?, Some(model_output.narrow(1, c, c)?))
+            (
+                model_output.narrow(1, 0, c)?,
+                Some(model_output.narrow(1, c, c)?),
+            )
         } else {
             (model_output.clone(), None)
         };
@@ -181,7 +187,9 @@ impl DDPMScheduler {
                 Error::argument(
                     "noise",
                     "None",
-                    format!("a DDPM step at timestep {timestep} > 0 needs noise of the sample's shape"),
+                    format!(
+                        "a DDPM step at timestep {timestep} > 0 needs noise of the sample's shape"
+                    ),
                 )
             })?)
         } else {
@@ -251,12 +259,22 @@ impl DDPMScheduler {
     }
 
     /// q(x_t | x_0) for one timestep per image (or one for all).
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         self.levels.add_noise(original, noise, timesteps)
     }
 
     /// The v-prediction target for one timestep per image (or one for all).
-    pub fn get_velocity(&self, sample: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn get_velocity(
+        &self,
+        sample: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         self.levels.get_velocity(sample, noise, timesteps)
     }
 }

@@ -101,10 +101,8 @@ pub(crate) fn fused_step(
             "a batched tensor (b, ...) is expected",
         ));
     }
-    let cpu_f32 = |t: &Tensor| {
-        t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
-    };
-    if cpu_f32(model_output) && cpu_f32(sample) && noise.is_none_or(|z| cpu_f32(z)) {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    if cpu_f32(model_output) && cpu_f32(sample) && noise.is_none_or(cpu_f32) {
         fused_step_cpu(k, model_output, sample, noise)
     } else {
         fused_step_tensor(k, model_output, sample, noise)

@@ -66,7 +66,11 @@ pub fn spaced_timesteps(
                 .rev()
                 .map(|i| {
                     // numpy: the last value is `stop` exactly, except that N = 1 gives `[start]`.
-                    let v = if i == n - 1 && n > 1 { stop } else { i as f64 * step };
+                    let v = if i == n - 1 && n > 1 {
+                        stop
+                    } else {
+                        i as f64 * step
+                    };
                     v.round_ties_even() as usize
                 })
                 .collect()
@@ -92,7 +96,11 @@ pub fn spaced_timesteps(
             let step = if n > 1 { stop / (n - 1) as f64 } else { 0.0 };
             let mut v: Vec<usize> = (0..n)
                 .map(|i| {
-                    let s = if i == n - 1 && n > 1 { stop } else { i as f64 * step };
+                    let s = if i == n - 1 && n > 1 {
+                        stop
+                    } else {
+                        i as f64 * step
+                    };
                     (s * s) as usize
                 })
                 .collect();
@@ -176,14 +184,24 @@ impl NoiseLevels {
     }
 
     /// q(x_t | x_0): `sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε`, one timestep per image.
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         same_shape("noise", noise, original)?;
         let (sa, sb) = self.coefficient_tensors(original, timesteps)?;
         Ok((original.broadcast_mul(&sa)? + noise.broadcast_mul(&sb)?)?)
     }
 
     /// The velocity target `v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0` (Salimans & Ho 2022).
-    pub fn get_velocity(&self, sample: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    pub fn get_velocity(
+        &self,
+        sample: &Tensor,
+        noise: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
         same_shape("noise", noise, sample)?;
         let (sa, sb) = self.coefficient_tensors(sample, timesteps)?;
         Ok((noise.broadcast_mul(&sa)? - sample.broadcast_mul(&sb)?)?)
@@ -215,9 +233,11 @@ pub(crate) fn clip_of(config: &SchedulerConfig) -> kernel::Clip {
     }
 }
 
-/// With zero terminal SNR, ᾱ_T = 0 and an epsilon model's x̂0 = (x_t - ε) / 0 is undefined
-/// (diffusers returns inf there, huggingface/diffusers#3851). We refuse such a step with an
-/// error that says what to change instead of returning inf.
+/// Refuses a step whose x̂0 or ε̂ would be a division by zero, instead of returning inf/NaN:
+/// - ᾱ_t = 0 (zero terminal SNR at t = T) with an epsilon model: x̂0 = (x_t - ε̂) / 0. diffusers
+///   returns inf there (huggingface/diffusers#3851).
+/// - ᾱ = 1 (the clean start of an inversion with `set_alpha_to_one`) with a sample model:
+///   ε̂ = (x - x̂0) / 0. diffusers returns NaN there.
 pub(crate) fn check_defined(prediction: PredictionType, t: usize, alpha_prod: f32) -> Result<()> {
     if alpha_prod <= 0.0 && prediction == PredictionType::Epsilon {
         return Err(Error::argument(
@@ -226,6 +246,14 @@ pub(crate) fn check_defined(prediction: PredictionType, t: usize, alpha_prod: f3
             "ᾱ_t = 0 here (zero terminal SNR), where an epsilon-prediction model cannot predict \
              x_0; use a v_prediction or sample model with rescale_betas_zero_snr, or a timestep \
              spacing that does not start at T-1 (e.g. leading)",
+        ));
+    }
+    if alpha_prod >= 1.0 && prediction == PredictionType::Sample {
+        return Err(Error::argument(
+            "timestep",
+            t,
+            "ᾱ = 1 here (a noise-free sample), where a sample-prediction model gives no noise \
+             estimate ε̂ = (x - x̂0) / 0; set set_alpha_to_one to false",
         ));
     }
     Ok(())
