@@ -1,3 +1,77 @@
-//! The `ddim` command line.
+//! The `ddim` command line: parses arguments, calls the `ddim` library, reports errors.
+//! Exit codes: 0 success, 2 bad input or usage, 1 an internal error.
 
-fn main() {}
+mod schedule_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// DDIM and DDPM sampling for diffusers-compatible models, in one binary.
+#[derive(Parser, Debug)]
+#[command(name = "ddim", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the timesteps and noise levels a scheduler config gives for N inference steps.
+    Schedule(schedule_cmd::ScheduleArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Schedule(args) => schedule_cmd::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            // Library errors already carry their source in their message: skip repeats.
+            let mut last = err.to_string();
+            for cause in err.chain().skip(1) {
+                let text = cause.to_string();
+                if !last.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                last = text;
+            }
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// 2 when the error comes from what the user gave us (arguments, files), 1 otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let user_error = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ddim::Error>(),
+            Some(
+                ddim::Error::InvalidConfig { .. }
+                    | ddim::Error::InvalidArgument { .. }
+                    | ddim::Error::Io { .. }
+                    | ddim::Error::Json { .. }
+            )
+        ) || cause.downcast_ref::<UsageError>().is_some()
+    });
+    if user_error {
+        2
+    } else {
+        1
+    }
+}
+
+/// A bad combination of arguments found after parsing.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
