@@ -2,5 +2,6 @@
 //! arXiv:2006.11239) diffusion sampling on candle, compatible with diffusers model folders.
 
 pub mod error;
+pub mod unet;
 
 pub use error::{Error, Result};
