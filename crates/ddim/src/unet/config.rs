@@ -165,7 +165,7 @@ impl ConfigEnum for MidBlockType {
     const VALUES: &'static [(&'static str, Self)] = &[("UNetMidBlock2D", Self::UNetMidBlock2D)];
 }
 
-/// The configuration of a UNet2DModel: the keys of diffusers' unet
+/// The configuration of a [`UNet2DModel`](super::UNet2DModel): the keys of diffusers' unet
 /// `config.json`, with diffusers' defaults (see [`Default`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UNet2DConfig {
@@ -514,7 +514,7 @@ impl UNet2DConfig {
     }
 
     /// Checks that the values fit together (list lengths, group divisibility, head widths, ...).
-    /// [`UNet2DConfig::from_json_str`] calls it.
+    /// [`UNet2DConfig::from_json_str`] and [`UNet2DModel::new`](super::UNet2DModel::new) call it.
     pub fn validate(&self) -> Result<()> {
         let channels = &self.block_out_channels;
         let list = |v: &[usize]| format!("{v:?}");
