@@ -2,6 +2,7 @@
 //! arXiv:2006.11239) diffusion sampling on candle, compatible with diffusers model folders.
 
 pub mod error;
+pub mod loader;
 pub mod unet;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, WeightProblem};
