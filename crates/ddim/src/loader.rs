@@ -244,7 +244,9 @@ pub fn load_unet_weights(
         WeightFiles::ShardedSafetensors { shards, .. } => {
             Store::Safetensors(unsafe { MmapedSafetensors::multi(shards)? })
         }
-        WeightFiles::PyTorch(path) => Store::PyTorch(PthTensors::new(path, None)?),
+        WeightFiles::PyTorch(path) => {
+            Store::PyTorch(PthTensors::new(path, None).map_err(|e| e.with_path(path))?)
+        }
     };
     let checked = CheckedStore::new(store)?;
     let log = checked.log.clone();
