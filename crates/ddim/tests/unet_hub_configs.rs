@@ -63,3 +63,22 @@ fn ddpm_church_256() {
 fn ddpm_ema_bedroom_256() {
     check("google--ddpm-ema-bedroom-256", 113_673_219, 32);
 }
+
+/// `to_json` writes back exactly what diffusers 0.42.1 wrote, for every hub config.
+#[test]
+fn configs_round_trip_to_diffusers_json() {
+    for name in [
+        "google--ddpm-cifar10-32",
+        "google--ddpm-celebahq-256",
+        "google--ddpm-church-256",
+        "google--ddpm-ema-bedroom-256",
+    ] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hub-configs")
+            .join(name)
+            .join("config.json");
+        let original: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(config(name).to_json(), original, "{name}");
+    }
+}

@@ -234,8 +234,16 @@ fn shard_names_must_stay_in_the_folder() {
 #[test]
 fn unreadable_bin_names_the_file() {
     let tmp = TempDir::new("bad-bin");
-    fs::copy(fixture("misc").join("config.json"), tmp.0.join("config.json")).unwrap();
-    fs::write(tmp.0.join("diffusion_pytorch_model.bin"), b"not a zip archive").unwrap();
+    fs::copy(
+        fixture("misc").join("config.json"),
+        tmp.0.join("config.json"),
+    )
+    .unwrap();
+    fs::write(
+        tmp.0.join("diffusion_pytorch_model.bin"),
+        b"not a zip archive",
+    )
+    .unwrap();
     let msg = load_err(&tmp.0).to_string();
     assert!(msg.contains("diffusion_pytorch_model.bin"), "{msg}");
 }

@@ -108,3 +108,21 @@ fn half_precision_runs_close_to_f32() {
     println!("multi_head_sharded in f16: max |ddim - diffusers f32| = {diff:.3e}");
     assert!(diff < 1e-2, "f16: {diff}");
 }
+
+/// `UNet2DConfig::to_json` writes back exactly what diffusers wrote for every fixture.
+#[test]
+fn fixture_configs_round_trip_to_diffusers_json() {
+    for name in [
+        "legacy_single_head",
+        "multi_head_sharded",
+        "scale_shift_class",
+        "resnet_resample",
+        "fourier_no_mid",
+        "misc",
+    ] {
+        let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let (cfg, _) = ddim::unet::UNet2DConfig::from_json_str(&text).unwrap();
+        assert_eq!(cfg.to_json(), original, "{name}");
+    }
+}

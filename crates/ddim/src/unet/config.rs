@@ -89,9 +89,17 @@ pub enum MidBlockType {
 }
 
 /// A string-valued config key that maps onto one of our enums.
-trait ConfigEnum: Sized + Copy + 'static {
+trait ConfigEnum: Sized + Copy + PartialEq + 'static {
     /// The JSON spellings and their values; the first spelling of each value is canonical.
     const VALUES: &'static [(&'static str, Self)];
+
+    /// The canonical JSON spelling.
+    fn name(self) -> &'static str {
+        Self::VALUES
+            .iter()
+            .find(|(_, v)| *v == self)
+            .map_or("", |(n, _)| *n)
+    }
 
     fn parse(key: &str, value: &str) -> Result<Self> {
         Self::VALUES
@@ -273,6 +281,9 @@ impl Default for UNet2DConfig {
         }
     }
 }
+
+/// The diffusers version whose `UNet2DModel` keys and defaults this file follows.
+pub const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// The config keys this crate reads; any other key not starting with `_` is reported as unknown.
 const KNOWN_KEYS: &[&str] = &[
@@ -497,6 +508,58 @@ impl UNet2DConfig {
                 .transpose()?,
             num_class_embeds: raw.num_class_embeds,
             num_train_timesteps: raw.num_train_timesteps,
+        })
+    }
+
+    /// The config as diffusers writes it to `config.json`: every key, with `_class_name` =
+    /// `UNet2DModel`, so that a folder we save loads with `UNet2DModel.from_pretrained`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{json, Value};
+        // diffusers types these as int and writes e.g. `1`, not `1.0`.
+        let int_if_whole = |v: f64| {
+            if v.fract() == 0.0 && v.abs() < 9e15 {
+                json!(v as i64)
+            } else {
+                json!(v)
+            }
+        };
+        let sample_size = match self.sample_size {
+            None => Value::Null,
+            Some((h, w)) if h == w => json!(h),
+            Some((h, w)) => json!([h, w]),
+        };
+        let names = |v: Vec<&str>| json!(v);
+        json!({
+            "_class_name": "UNet2DModel",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "sample_size": sample_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "center_input_sample": self.center_input_sample,
+            "time_embedding_type": self.time_embedding_type.name(),
+            "time_embedding_dim": self.time_embedding_dim,
+            "freq_shift": int_if_whole(self.freq_shift),
+            "flip_sin_to_cos": self.flip_sin_to_cos,
+            "down_block_types": names(self.down_block_types.iter().map(|t| t.name()).collect()),
+            "mid_block_type": self.mid_block_type.map(|t| t.name()),
+            "up_block_types": names(self.up_block_types.iter().map(|t| t.name()).collect()),
+            "block_out_channels": self.block_out_channels,
+            "layers_per_block": self.layers_per_block,
+            "mid_block_scale_factor": int_if_whole(self.mid_block_scale_factor),
+            "downsample_padding": self.downsample_padding,
+            "downsample_type": self.downsample_type.name(),
+            "upsample_type": self.upsample_type.name(),
+            "dropout": self.dropout,
+            "act_fn": self.act_fn.name(),
+            "attention_head_dim": self.attention_head_dim,
+            "norm_num_groups": self.norm_num_groups,
+            "attn_norm_num_groups": self.attn_norm_num_groups,
+            "norm_eps": self.norm_eps,
+            "resnet_time_scale_shift": self.resnet_time_scale_shift.name(),
+            "add_attention": self.add_attention,
+            "class_embed_type": self.class_embed_type.map(|t| t.name()),
+            "num_class_embeds": self.num_class_embeds,
+            "num_train_timesteps": self.num_train_timesteps,
         })
     }
 
