@@ -200,15 +200,18 @@ impl LoadedUNet {
 
 /// Loads the UNet of a model folder (see [`find_unet_files`] for the layouts) in `dtype` on `device`.
 ///
-/// ```no_run
-/// let unet = ddim::loader::load_unet(
-///     std::path::Path::new("ddpm-cifar10-32"),
-///     candle_core::DType::F32,
-///     &candle_core::Device::Cpu,
-/// )?;
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+///
+/// // A tiny model from this crate's test fixtures; any diffusers UNet2DModel folder works.
+/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/multi_head_sharded");
+/// let unet = ddim::loader::load_unet(std::path::Path::new(dir), DType::F32, &Device::Cpu)?;
 /// for key in &unet.unknown_config_keys {
 ///     eprintln!("warning: unknown unet config key `{key}`");
 /// }
+/// let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu)?;
+/// let eps = unet.model.forward(&x, &Tensor::new(10u32, &Device::Cpu)?, None)?;
+/// assert_eq!(eps.dims(), &[1, 3, 8, 8]);
 /// # Ok::<(), ddim::Error>(())
 /// ```
 pub fn load_unet(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedUNet> {
