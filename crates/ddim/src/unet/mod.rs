@@ -391,3 +391,94 @@ fn check_indices(name: &str, values: &Tensor, count: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(extra: &str) -> UNet2DModel {
+        let json = format!(
+            r#"{{"block_out_channels": [4, 8], "norm_num_groups": 2, "attention_head_dim": null,
+                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                "up_block_types": ["AttnUpBlock2D", "UpBlock2D"] {extra}}}"#
+        );
+        let (cfg, _) = UNet2DConfig::from_json_str(&json).unwrap();
+        UNet2DModel::new(&cfg, VarBuilder::zeros(DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    fn x(shape: &[usize]) -> Tensor {
+        Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn arg_error(result: Result<Tensor>, name: &str) -> String {
+        match result {
+            Err(e @ Error::InvalidArgument { .. }) if e.to_string().contains(name) => e.to_string(),
+            other => panic!("expected an invalid `{name}`, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timesteps_scalar_one_or_batch() {
+        let unet = tiny("");
+        let dev = Device::Cpu;
+        for t in [
+            Tensor::new(5u32, &dev).unwrap(),
+            Tensor::new(&[5i64], &dev).unwrap(),
+            Tensor::new(&[5f32, 6.5], &dev).unwrap(),
+        ] {
+            let out = unet.forward(&x(&[2, 3, 8, 8]), &t, None).unwrap();
+            assert_eq!(out.dims(), &[2, 3, 8, 8]);
+        }
+        let t = Tensor::new(&[1f32, 2., 3.], &dev).unwrap();
+        arg_error(unet.forward(&x(&[2, 3, 8, 8]), &t, None), "t");
+    }
+
+    #[test]
+    fn bad_sample_shapes() {
+        let unet = tiny("");
+        let t = Tensor::new(1u32, &Device::Cpu).unwrap();
+        let msg = arg_error(unet.forward(&x(&[1, 3, 8, 7]), &t, None), "x");
+        assert!(msg.contains("multiples of 2"), "{msg}");
+        arg_error(unet.forward(&x(&[1, 4, 8, 8]), &t, None), "x");
+        arg_error(unet.forward(&x(&[3, 8, 8]), &t, None), "x");
+    }
+
+    #[test]
+    fn class_labels_must_match_the_model() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(1u32, &dev).unwrap();
+        let labels = Tensor::new(&[3u32], &dev).unwrap();
+        let plain = tiny("");
+        arg_error(
+            plain.forward(&x(&[1, 3, 8, 8]), &t, Some(&labels)),
+            "class_labels",
+        );
+        let conditional = tiny(r#", "num_class_embeds": 4"#);
+        arg_error(
+            conditional.forward(&x(&[1, 3, 8, 8]), &t, None),
+            "class_labels",
+        );
+        conditional
+            .forward(&x(&[1, 3, 8, 8]), &t, Some(&labels))
+            .unwrap();
+        let out_of_range = Tensor::new(&[4u32], &dev).unwrap();
+        let msg = arg_error(
+            conditional.forward(&x(&[1, 3, 8, 8]), &t, Some(&out_of_range)),
+            "class_labels",
+        );
+        assert!(msg.contains("0..4"), "{msg}");
+    }
+
+    #[test]
+    fn time_domains_of_fourier_and_learned() {
+        let dev = Device::Cpu;
+        let fourier = tiny(r#", "time_embedding_type": "fourier""#);
+        let zero = Tensor::new(0f32, &dev).unwrap();
+        arg_error(fourier.forward(&x(&[1, 3, 8, 8]), &zero, None), "t");
+        let learned = tiny(r#", "time_embedding_type": "learned", "num_train_timesteps": 10"#);
+        let t = Tensor::new(10u32, &dev).unwrap();
+        arg_error(learned.forward(&x(&[1, 3, 8, 8]), &t, None), "t");
+        let t = Tensor::new(2.5f32, &dev).unwrap();
+        arg_error(learned.forward(&x(&[1, 3, 8, 8]), &t, None), "t");
+    }
+}
