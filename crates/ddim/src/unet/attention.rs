@@ -66,9 +66,10 @@ impl Module for Attention {
             Some(norm) => norm.forward(xs)?,
             None => xs.clone(),
         };
-        // (b, c, h, w) -> (b, h*w, c). Made contiguous on purpose: in candle 0.11.1 a batched
-        // matmul of a transposed lhs with a broadcast rhs (what `Linear` does on 3-d input)
-        // returns wrong values (see `tests/unet_parity.rs`).
+        // (b, c, h, w) -> (b, h*w, c). Made contiguous on purpose: in candle 0.11.1 the CPU
+        // batched matmul of a transposed lhs with a broadcast rhs (what `Linear` does on 3-d
+        // input) returns wrong values (huggingface/candle#3744, fix proposed in #3758); the
+        // parity tests in `tests/unet_parity.rs` catch it.
         let hs = normed
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
