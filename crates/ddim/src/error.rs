@@ -49,6 +49,103 @@ pub enum Error {
     /// An error from candle (tensor shapes, devices, dtypes).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A model folder lacks a file it needs (a config or weights).
+    #[error("{}: no {what} found (looked for {looked_for})", path.display())]
+    ModelFileNotFound {
+        /// The folder that was searched.
+        path: PathBuf,
+        /// What is missing, e.g. `UNet weights`.
+        what: String,
+        /// The file names that were tried.
+        looked_for: String,
+    },
+
+    /// The weights of a model do not fit its config: tensors missing, unexpected or of the
+    /// wrong shape. Every problem found is listed.
+    #[error(
+        "weights in {} do not match the model config ({} problem(s)):\n{}",
+        path.display(),
+        problems.len(),
+        WeightProblem::list(problems)
+    )]
+    WeightMismatch {
+        /// The weights file (or the first shard).
+        path: PathBuf,
+        /// What does not match.
+        problems: Vec<WeightProblem>,
+    },
+}
+
+/// One way in which a weights file and a model config disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightProblem {
+    /// The config needs this tensor and the file does not have it.
+    Missing {
+        /// The diffusers tensor name, e.g. `down_blocks.0.resnets.1.conv1.weight`.
+        name: String,
+        /// The shape the config needs.
+        expected: Vec<usize>,
+    },
+    /// The file has this tensor and the config does not use it.
+    Unexpected {
+        /// The tensor name as stored in the file.
+        name: String,
+        /// Its shape in the file.
+        shape: Vec<usize>,
+    },
+    /// The tensor exists with another shape than the config needs.
+    WrongShape {
+        /// The diffusers tensor name.
+        name: String,
+        /// The shape the config needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+}
+
+impl std::fmt::Display for WeightProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightProblem::Missing { name, expected } => {
+                write!(
+                    f,
+                    "missing tensor `{name}` (the config needs shape {expected:?})"
+                )
+            }
+            WeightProblem::Unexpected { name, shape } => {
+                write!(
+                    f,
+                    "unexpected tensor `{name}` with shape {shape:?} (not used by the config)"
+                )
+            }
+            WeightProblem::WrongShape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "tensor `{name}` has shape {found:?} in the file but the config needs {expected:?}"
+            ),
+        }
+    }
+}
+
+impl WeightProblem {
+    /// The problems one per line, at most 20 of them, for [`Error::WeightMismatch`].
+    fn list(problems: &[WeightProblem]) -> String {
+        const SHOWN: usize = 20;
+        let mut lines: Vec<String> = problems
+            .iter()
+            .take(SHOWN)
+            .map(|p| format!("  {p}"))
+            .collect();
+        if problems.len() > SHOWN {
+            lines.push(format!("  ... and {} more", problems.len() - SHOWN));
+        }
+        lines.join("\n")
+    }
 }
 
 /// `Result` with the library's [`Error`].

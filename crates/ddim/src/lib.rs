@@ -20,8 +20,10 @@
 //! ```
 
 pub mod error;
+pub mod loader;
 pub mod rng;
 pub mod schedule;
 pub mod scheduler;
+pub mod unet;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, WeightProblem};
