@@ -49,6 +49,24 @@ pub enum Error {
     /// An error from candle (tensor shapes, devices, dtypes).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A NumPy `.npy` file that is malformed, truncated, or holds values that do not fit f32.
+    #[error("{}: {reason}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what is allowed instead.
+        reason: String,
+    },
+
+    /// An image file that could not be decoded or encoded.
+    #[error("{}: {reason}", path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what is allowed instead.
+        reason: String,
+    },
 }
 
 /// `Result` with the library's [`Error`].
@@ -61,6 +79,30 @@ impl Error {
             key: key.to_string(),
             value: value.to_string(),
             allowed: allowed.into(),
+        }
+    }
+
+    /// An [`Error::Npy`] for `path` with the given reason.
+    pub fn npy(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Npy {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Image`] for `path` with the given reason.
+    pub fn image(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Image {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
         }
     }
 
