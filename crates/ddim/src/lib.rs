@@ -20,6 +20,7 @@
 //! ```
 
 pub mod error;
+pub mod image_io;
 pub mod npy;
 pub mod rng;
 pub mod schedule;
