@@ -75,6 +75,24 @@ pub enum Error {
         /// What does not match.
         problems: Vec<WeightProblem>,
     },
+
+    /// A NumPy `.npy` file that is malformed, truncated, or holds values that do not fit f32.
+    #[error("{}: {reason}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what is allowed instead.
+        reason: String,
+    },
+
+    /// An image file that could not be decoded or encoded.
+    #[error("{}: {reason}", path.display())]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and what is allowed instead.
+        reason: String,
+    },
 }
 
 /// One way in which a weights file and a model config disagree.
@@ -158,6 +176,30 @@ impl Error {
             key: key.to_string(),
             value: value.to_string(),
             allowed: allowed.into(),
+        }
+    }
+
+    /// An [`Error::Npy`] for `path` with the given reason.
+    pub fn npy(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Npy {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Image`] for `path` with the given reason.
+    pub fn image(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Image {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
         }
     }
 

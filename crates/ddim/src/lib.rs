@@ -20,7 +20,9 @@
 //! ```
 
 pub mod error;
+pub mod image_io;
 pub mod loader;
+pub mod npy;
 pub mod rng;
 pub mod schedule;
 pub mod scheduler;
