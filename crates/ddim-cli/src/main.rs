@@ -1,6 +1,19 @@
 //! The `ddim` command line: parses arguments, calls the `ddim` library, reports errors.
 //! Exit codes: 0 success, 2 bad input or usage, 1 an internal error.
 
+/// `println!` that ignores a closed stdout (`ddim inspect | head` must not panic).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+mod common;
+mod inspect_cmd;
+mod interpolate_cmd;
+mod invert_cmd;
+mod sample_cmd;
 mod schedule_cmd;
 
 use std::process::ExitCode;
@@ -17,6 +30,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Sample images with DDIM or DDPM from a diffusers model folder or hub id.
+    Sample(sample_cmd::SampleArgs),
+    /// Invert an image to its DDIM noise x_T (and optionally decode it back).
+    Invert(invert_cmd::InvertArgs),
+    /// Interpolate between the noise of two seeds (spherical) and sample each frame.
+    Interpolate(interpolate_cmd::InterpolateArgs),
+    /// Show a model's configs, parameter count and what `sample` would run.
+    Inspect(inspect_cmd::InspectArgs),
     /// Print the timesteps and noise levels a scheduler config gives for N inference steps.
     Schedule(schedule_cmd::ScheduleArgs),
 }
@@ -24,6 +45,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sample(args) => sample_cmd::run(args),
+        Command::Invert(args) => invert_cmd::run(args),
+        Command::Interpolate(args) => interpolate_cmd::run(args),
+        Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
     };
     match result {

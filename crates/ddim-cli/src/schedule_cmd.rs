@@ -122,7 +122,7 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
                 serde_json::json!({"t": t, "alpha_bar": a, other: p, format!("alpha_bar_{other}"): ap, "sigma": sigma})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        say!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
     let pred = match config.prediction_type {
@@ -130,7 +130,7 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         PredictionType::Sample => "sample",
         PredictionType::VPrediction => "v_prediction",
     };
-    println!(
+    say!(
         "# {:?}, {} steps, spacing {}, {} prediction, T = {}",
         args.scheduler,
         rows.len(),
@@ -138,13 +138,18 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         pred,
         config.num_train_timesteps
     );
-    println!(
+    say!(
         "{:>5} {:>6} {:>12} {:>6} {:>12} {:>10}",
-        "step", "t", "alpha_bar", other, "alpha_bar'", "sigma"
+        "step",
+        "t",
+        "alpha_bar",
+        other,
+        "alpha_bar'",
+        "sigma"
     );
     for (i, (t, a, p, ap, sigma)) in rows.iter().enumerate() {
         let p = p.map_or("-".to_string(), |p| p.to_string());
-        println!("{i:>5} {t:>6} {a:>12.8} {p:>6} {ap:>12.8} {sigma:>10.6}");
+        say!("{i:>5} {t:>6} {a:>12.8} {p:>6} {ap:>12.8} {sigma:>10.6}");
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod image_io;
 pub mod loader;
 pub mod npy;
+pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 pub mod scheduler;

@@ -1,0 +1,184 @@
+//! What the sampling commands share: finding and loading the model, the device, the scheduler
+//! config, the progress bar and writing images.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use ddim::loader::{load_unet, LoadedUNet};
+use ddim::scheduler::{SchedulerConfig, TimestepSpacing};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::UsageError;
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The CPU (always available).
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+    /// The Apple GPU (needs a build with `--features metal`).
+    Metal,
+}
+
+/// The arguments every command that runs a model takes.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A diffusers model folder (pipeline, unet or flat layout) or a Hugging Face hub id such as
+    /// google/ddpm-cifar10-32.
+    #[arg(long, short = 'm', value_name = "DIR|HUB_ID")]
+    pub model: Option<String>,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// A model ready to run, with its scheduler config.
+pub struct Model {
+    pub dir: PathBuf,
+    pub unet: LoadedUNet,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+}
+
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    Ok(match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(UsageError(
+                    "--device cuda: this ddim was built without CUDA; rebuild with \
+                     `cargo install --path crates/ddim-cli --features cuda`"
+                        .into(),
+                )
+                .into());
+            }
+            Device::new_cuda(0).context("opening CUDA device 0")?
+        }
+        DeviceArg::Metal => {
+            if !candle_core::utils::metal_is_available() {
+                return Err(UsageError(
+                    "--device metal: this ddim was built without Metal; rebuild with \
+                     `cargo install --path crates/ddim-cli --features metal`"
+                        .into(),
+                )
+                .into());
+            }
+            Device::new_metal(0).context("opening the Metal device")?
+        }
+    })
+}
+
+/// Resolves `--model` (a folder or a hub id) to a local folder.
+pub fn model_dir(spec: Option<&str>) -> Result<PathBuf> {
+    let Some(spec) = spec else {
+        return Err(UsageError(
+            "no --model given, and this build ships no default model yet: pass --model with a \
+             diffusers model folder or a hub id such as google/ddpm-cifar10-32"
+                .into(),
+        )
+        .into());
+    };
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    Err(UsageError(format!(
+        "--model {spec}: no such model folder (hub ids are resolved once the hub support lands)"
+    ))
+    .into())
+}
+
+/// Loads the UNet and the folder's scheduler config, warning about keys we do not know.
+pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<Model> {
+    let dir = model_dir(args.model.as_deref())?;
+    let device = device(args.device)?;
+    let unet = load_unet(&dir, DType::F32, &device)
+        .with_context(|| format!("loading the UNet from {}", dir.display()))?;
+    for key in &unet.unknown_config_keys {
+        eprintln!(
+            "warning: {}: unknown key `{key}` ignored",
+            unet.files.config.display()
+        );
+    }
+    let mut scheduler_config = match unet.scheduler_config() {
+        Some(path) => {
+            let loaded = SchedulerConfig::from_file(path)
+                .with_context(|| format!("reading the scheduler config {}", path.display()))?;
+            for key in &loaded.unknown_keys {
+                eprintln!("warning: {}: unknown key `{key}` ignored", path.display());
+            }
+            loaded.config
+        }
+        None => {
+            eprintln!(
+                "warning: {} has no scheduler_config.json; using diffusers' DDPMScheduler defaults",
+                dir.display()
+            );
+            SchedulerConfig::default()
+        }
+    };
+    if let Some(spacing) = spacing {
+        scheduler_config.timestep_spacing = spacing;
+    }
+    Ok(Model {
+        dir,
+        unet,
+        scheduler_config,
+        device,
+    })
+}
+
+/// A progress bar on stderr over `total` model evaluations (hidden with --quiet).
+pub fn progress(total: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Checks that a loaded x_T has the model's image shape and only finite values.
+pub fn check_noise(noise: &Tensor, expected: &[usize], path: &Path) -> Result<()> {
+    let dims = noise.dims();
+    if dims.len() != 4 || dims[1..] != expected[1..] {
+        return Err(UsageError(format!(
+            "--noise {}: shape {:?} does not match the model: expected (N, {}, {}, {})",
+            path.display(),
+            dims,
+            expected[1],
+            expected[2],
+            expected[3]
+        ))
+        .into());
+    }
+    if dims[0] == 0 {
+        return Err(UsageError(format!(
+            "--noise {}: holds no image (N = 0)",
+            path.display()
+        ))
+        .into());
+    }
+    let values: Vec<f32> = noise.flatten_all()?.to_vec1()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(UsageError(format!(
+            "--noise {}: value {} at flat index {i} is not finite",
+            path.display(),
+            values[i]
+        ))
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `ddim inspect`: what a model folder holds and what `ddim sample` would run on it.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ddim::loader::WeightFiles;
+use ddim::scheduler::{DDIMScheduler, SchedulerKind};
+
+use crate::common::{self, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The DDIM steps to show the schedule for.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+}
+
+/// The number of parameters stored in the weight files (read from their headers).
+fn stored_parameters(weights: &WeightFiles) -> Result<usize> {
+    let count_st = |paths: &[&std::path::Path]| -> Result<usize> {
+        let mut total = 0usize;
+        for path in paths {
+            // SAFETY: the file is mapped read-only for the duration of this count; ddim never
+            // writes weight files it reads, and a concurrent writer would only corrupt the count.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .with_context(|| format!("reading {}", path.display()))?;
+            total += st
+                .tensors()
+                .iter()
+                .map(|(_, view)| view.shape().iter().product::<usize>())
+                .sum::<usize>();
+        }
+        Ok(total)
+    };
+    match weights {
+        WeightFiles::Safetensors(p) => count_st(&[p.as_path()]),
+        WeightFiles::ShardedSafetensors { shards, .. } => {
+            count_st(&shards.iter().map(|p| p.as_path()).collect::<Vec<_>>())
+        }
+        WeightFiles::PyTorch(p) => {
+            let infos = candle_core::pickle::read_pth_tensor_info(p, false, None)
+                .with_context(|| format!("reading {}", p.display()))?;
+            Ok(infos.iter().map(|i| i.layout.shape().elem_count()).sum())
+        }
+    }
+}
+
+pub fn run(args: InspectArgs) -> Result<()> {
+    let model = common::load_model(&args.model, None)?;
+    let unet = &model.unet;
+    say!("model folder: {}", model.dir.display());
+    say!("  unet config: {}", unet.files.config.display());
+    say!("  weights:     {}", unet.files.weights.path().display());
+    match unet.scheduler_config() {
+        Some(p) => say!("  scheduler:   {}", p.display()),
+        None => say!("  scheduler:   (none; diffusers' defaults)"),
+    }
+    let params = stored_parameters(&unet.files.weights)?;
+    say!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
+    say!(
+        "unet config:\n{}",
+        serde_json::to_string_pretty(&unet.config.to_json())?
+    );
+    let cfg = &model.scheduler_config;
+    say!(
+        "scheduler config ({}):\n{}",
+        cfg.class_name.as_deref().unwrap_or("no _class_name"),
+        serde_json::to_string_pretty(&cfg.to_json(cfg.kind().unwrap_or(SchedulerKind::Ddpm)))?
+    );
+    let mut s = DDIMScheduler::new(cfg)?;
+    s.set_timesteps(args.steps)?;
+    let ts = s.timesteps();
+    let shown: Vec<String> = if ts.len() > 12 {
+        ts[..6]
+            .iter()
+            .map(ToString::to_string)
+            .chain(std::iter::once("...".to_string()))
+            .chain(ts[ts.len() - 3..].iter().map(ToString::to_string))
+            .collect()
+    } else {
+        ts.iter().map(ToString::to_string).collect()
+    };
+    let shape = ddim::pipeline::noise_shape(&unet.model, 1)?;
+    say!(
+        "`ddim sample` runs: DDIM, {} steps, eta 0, spacing {}, {} prediction, on {:?}\n  images {}x{}x{}; timesteps [{}]",
+        ts.len(),
+        cfg.timestep_spacing,
+        cfg.prediction_type,
+        model.device,
+        shape[1],
+        shape[2],
+        shape[3],
+        shown.join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! `ddim interpolate`: DDIM samples along the great circle between the noise of two seeds
+//! (DDIM paper, Sec. 5.3), as a one-row grid PNG or an animated GIF.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use ddim::image_io;
+use ddim::pipeline::{self, Generator, SampleOptions};
+use ddim::scheduler::TimestepSpacing;
+
+use crate::common::{self, ModelArgs};
+use crate::sample_cmd::RngArg;
+use crate::UsageError;
+
+#[derive(Args, Debug)]
+pub struct InterpolateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The seed of the first end.
+    #[arg(long)]
+    pub seed_a: u64,
+    /// The seed of the second end.
+    #[arg(long)]
+    pub seed_b: u64,
+    /// The number of frames, both ends included.
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
+    /// Inference steps (DDIM, eta 0).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// How each end's x_T is drawn: image 0 of a default-rng run with that seed, or torch.randn.
+    #[arg(long, value_enum, default_value = "default")]
+    pub rng: RngArg,
+    /// grid.png (one row) or anim.gif.
+    #[arg(long, short = 'o', value_name = "FILE.png|FILE.gif")]
+    pub output: PathBuf,
+    /// Enlarge frames k times (nearest neighbour).
+    #[arg(long, default_value_t = 1)]
+    pub upscale: u32,
+    /// Milliseconds per GIF frame.
+    #[arg(long, default_value_t = 120)]
+    pub frame_ms: u32,
+    /// Overrides the scheduler config's timestep_spacing.
+    #[arg(long, value_name = "SPACING")]
+    pub timestep_spacing: Option<String>,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run(args: InterpolateArgs) -> Result<()> {
+    let ext = args
+        .output
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let gif = match ext.as_deref() {
+        Some("gif") => true,
+        Some("png") => false,
+        _ => {
+            return Err(UsageError(format!(
+                "--output {}: give a .png (a one-row grid) or a .gif (an animation)",
+                args.output.display()
+            ))
+            .into())
+        }
+    };
+    if args.frames < 2 || args.frames > 1000 {
+        return Err(UsageError(format!(
+            "--frames {}: must be between 2 and 1000",
+            args.frames
+        ))
+        .into());
+    }
+    if args.upscale == 0 || args.upscale > 64 {
+        return Err(UsageError(format!(
+            "--upscale {}: must be between 1 and 64",
+            args.upscale
+        ))
+        .into());
+    }
+    if args.output.exists() && !args.overwrite {
+        return Err(UsageError(format!(
+            "{} exists; pass --overwrite to replace it",
+            args.output.display()
+        ))
+        .into());
+    }
+    let spacing = args
+        .timestep_spacing
+        .as_deref()
+        .map(TimestepSpacing::from_name)
+        .transpose()?;
+    let model = common::load_model(&args.model, spacing)?;
+    let shape = pipeline::noise_shape(&model.unet.model, 1)?;
+    let end = |seed| match args.rng {
+        RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),
+        RngArg::Torch => Generator::torch(seed).randn(&shape, &model.device),
+    };
+    let z = pipeline::interpolation_noise(&end(args.seed_a)?, &end(args.seed_b)?, args.frames)?;
+    let options = SampleOptions {
+        num_inference_steps: args.steps,
+        ..Default::default()
+    };
+    let batch = 16;
+    let chunks = args.frames.div_ceil(batch);
+    let bar = common::progress(
+        (chunks * args.steps) as u64,
+        args.model.quiet,
+        "interpolating",
+    );
+    let mut frames = Vec::new();
+    for c in 0..chunks {
+        let start = c * batch;
+        let b = batch.min(args.frames - start);
+        // eta = 0 draws no noise; the generator is never used.
+        let mut unused = Generator::per_image(0, 0, b);
+        let x = pipeline::sample(
+            &model.unet.model,
+            &model.scheduler_config,
+            &options,
+            z.narrow(0, start, b)?,
+            &mut unused,
+            &mut |_| {
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
+        for img in image_io::to_images(&x)? {
+            frames.push(image_io::upscale_nearest(&img, args.upscale)?);
+        }
+    }
+    bar.finish_and_clear();
+    if gif {
+        image_io::save_gif(&frames, &args.output, args.frame_ms, true)?;
+    } else {
+        let grid = image_io::make_grid(&frames, Some(frames.len()), 2)?;
+        image_io::save_png(&grid, &args.output)?;
+    }
+    eprintln!("wrote {} ({} frames)", args.output.display(), frames.len());
+    Ok(())
+}

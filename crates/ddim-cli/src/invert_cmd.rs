@@ -1,0 +1,147 @@
+//! `ddim invert`: an image (or x_0 tensor) -> x_T by DDIM inversion; optionally decode it back
+//! and report the reconstruction error.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use clap::Args;
+use ddim::image_io;
+use ddim::pipeline::{self, Generator, SampleOptions};
+use ddim::scheduler::TimestepSpacing;
+
+use crate::common::{self, ModelArgs};
+use crate::UsageError;
+
+#[derive(Args, Debug)]
+pub struct InvertArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The image to invert (PNG/JPEG, resized to the model's size) or x_0 as an NCHW float32 .npy
+    /// in model space.
+    #[arg(long, short = 'i', value_name = "IMAGE|x0.npy")]
+    pub input: PathBuf,
+    /// Inference steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Where to write x_T (NCHW float32 .npy).
+    #[arg(long, value_name = "FILE.npy")]
+    pub save_tensor: PathBuf,
+    /// Decode x_T back with DDIM (eta 0, same steps), write it here and print MSE and PSNR.
+    #[arg(long, value_name = "OUT.png")]
+    pub reconstruct: Option<PathBuf>,
+    /// Overrides the scheduler config's timestep_spacing.
+    #[arg(long, value_name = "SPACING")]
+    pub timestep_spacing: Option<String>,
+    /// The class, for class-conditional models.
+    #[arg(long)]
+    pub class_label: Option<u32>,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+pub fn run(args: InvertArgs) -> Result<()> {
+    let spacing = args
+        .timestep_spacing
+        .as_deref()
+        .map(TimestepSpacing::from_name)
+        .transpose()?;
+    for path in [Some(&args.save_tensor), args.reconstruct.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if path.exists() && !args.overwrite {
+            return Err(UsageError(format!(
+                "{} exists; pass --overwrite to replace it",
+                path.display()
+            ))
+            .into());
+        }
+    }
+    let model = common::load_model(&args.model, spacing)?;
+    let shape = pipeline::noise_shape(&model.unet.model, 1)?;
+    let is_npy = args
+        .input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    let x0 = if is_npy {
+        let t = ddim::npy::read_npy_tensor(&args.input, &model.device)
+            .with_context(|| format!("reading --input {}", args.input.display()))?;
+        common::check_noise(&t, &shape, &args.input)?;
+        t
+    } else {
+        image_io::load_image(
+            &args.input,
+            shape[1],
+            Some((shape[3] as u32, shape[2] as u32)),
+        )?
+        .to_device(&model.device)?
+    };
+    let labels = args
+        .class_label
+        .map(|c| Tensor::new(&[c], &model.device))
+        .transpose()?;
+    let bar = common::progress(args.steps as u64, args.model.quiet, "inverting");
+    let x_t = pipeline::invert(
+        &model.unet.model,
+        &model.scheduler_config,
+        &x0,
+        args.steps,
+        labels.as_ref(),
+        &mut |_| {
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    ddim::npy::write_npy_tensor(&args.save_tensor, &x_t)?;
+    eprintln!("wrote {} ({:?})", args.save_tensor.display(), x_t.dims());
+
+    if let Some(out) = &args.reconstruct {
+        let bar = common::progress(args.steps as u64, args.model.quiet, "reconstructing");
+        let options = SampleOptions {
+            num_inference_steps: args.steps,
+            class_labels: labels,
+            ..Default::default()
+        };
+        // eta = 0 draws no noise; the generator is never used.
+        let mut unused = Generator::per_image(0, 0, x_t.dim(0)?);
+        let x = pipeline::sample(
+            &model.unet.model,
+            &model.scheduler_config,
+            &options,
+            x_t,
+            &mut unused,
+            &mut |_| {
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
+        bar.finish_and_clear();
+        if let Some(img) = image_io::to_images(&x)?.first() {
+            image_io::save_png(img, out)?;
+        }
+        // Errors on the [0, 1] image scale, as diffusers' output.
+        let to01 = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?
+                .affine(0.5, 0.5)?
+                .clamp(0f32, 1f32)?)
+        };
+        let mse = (to01(&x)? - to01(&x0)?)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        let psnr = if mse > 0.0 {
+            10.0 * (1.0 / mse).log10()
+        } else {
+            f64::INFINITY
+        };
+        say!(
+            "reconstruction: MSE {mse:.6e}, PSNR {psnr:.2} dB ({} steps)",
+            args.steps
+        );
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! The sampling loop, the only place where the model and the scheduler meet (DDIM eq. 12):
+//! `for t in timesteps { ε̂ = unet(x_t, t); x_t = scheduler.step(ε̂, t, x_t) }`, as diffusers'
+//! `DDIMPipeline` / `DDPMPipeline` run it; DDIM inversion (x_0 -> x_T) and spherical
+//! interpolation between two x_T (DDIM paper, Sec. 5.3).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::rng::{ImageStream, TorchGenerator};
+use crate::scheduler::{DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, SchedulerConfig};
+use crate::unet::UNet2DModel;
+use crate::{Error, Result};
+
+/// Where the noise of a run comes from: x_T first, then each step's noise, in diffusers' order.
+#[derive(Clone, Debug)]
+pub enum Generator {
+    /// ddim's default: image i of the batch draws from its own stream
+    /// `ImageStream::new(seed, first_index + i)`, so an image does not depend on the batch size
+    /// or on how a run is split.
+    PerImage {
+        /// One stream per image of the batch.
+        streams: Vec<ImageStream>,
+    },
+    /// `torch.Generator().manual_seed(seed)`: each draw covers the whole batch, as diffusers'
+    /// `randn_tensor` does, so a run reproduces diffusers' noise exactly.
+    Torch(Box<TorchGenerator>),
+}
+
+impl Generator {
+    /// Per-image streams for images `first_index .. first_index + batch` of a run seeded `seed`.
+    pub fn per_image(seed: u64, first_index: u64, batch: usize) -> Self {
+        Generator::PerImage {
+            streams: (0..batch as u64)
+                .map(|i| ImageStream::new(seed, first_index + i))
+                .collect(),
+        }
+    }
+
+    /// A torch-compatible generator seeded like `torch.Generator().manual_seed(seed)`.
+    pub fn torch(seed: u64) -> Self {
+        Generator::Torch(Box::new(TorchGenerator::new(seed)))
+    }
+
+    /// Standard normal noise of shape `dims` (float32) on `device`.
+    pub fn randn(&mut self, dims: &[usize], device: &Device) -> Result<Tensor> {
+        let numel: usize = dims.iter().product();
+        let data = match self {
+            Generator::Torch(g) => g.randn(numel),
+            Generator::PerImage { streams } => {
+                let b = dims.first().copied().unwrap_or(1);
+                if b != streams.len() {
+                    return Err(Error::argument(
+                        "noise shape",
+                        format!("{dims:?}"),
+                        format!(
+                            "the first dimension must be the batch of {} images",
+                            streams.len()
+                        ),
+                    ));
+                }
+                let per = numel / b.max(1);
+                let mut data = vec![0f32; numel];
+                for (chunk, stream) in data.chunks_mut(per.max(1)).zip(streams.iter_mut()) {
+                    stream.fill_normal(chunk);
+                }
+                data
+            }
+        };
+        Ok(Tensor::from_vec(data, dims, device)?)
+    }
+}
+
+/// Which sampler runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// DDIM (deterministic at eta = 0).
+    Ddim,
+    /// DDPM ancestral sampling.
+    Ddpm,
+}
+
+/// The settings of one sampling run.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    /// DDIM or DDPM.
+    pub sampler: Sampler,
+    /// N, the number of inference steps.
+    pub num_inference_steps: usize,
+    /// DDIM's η (ignored by DDPM).
+    pub eta: f64,
+    /// DDIM: re-derive ε̂ from the clipped x̂0 (GLIDE).
+    pub use_clipped_model_output: bool,
+    /// Class labels for class-conditional models, one per image (or one for all).
+    pub class_labels: Option<Tensor>,
+}
+
+impl Default for SampleOptions {
+    /// diffusers' `DDIMPipeline` defaults: DDIM, 50 steps, eta 0.
+    fn default() -> Self {
+        SampleOptions {
+            sampler: Sampler::Ddim,
+            num_inference_steps: 50,
+            eta: 0.0,
+            use_clipped_model_output: false,
+            class_labels: None,
+        }
+    }
+}
+
+/// What a step callback sees.
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    /// The step's index, from 0.
+    pub index: usize,
+    /// The number of steps of the run.
+    pub num_steps: usize,
+    /// The timestep t of this step.
+    pub timestep: usize,
+    /// x_t, the sample the model saw.
+    pub sample: &'a Tensor,
+    /// The sample after the step.
+    pub prev_sample: &'a Tensor,
+    /// x̂0 predicted at this step.
+    pub pred_original_sample: &'a Tensor,
+}
+
+/// A callback that does nothing, for runs that need none.
+pub fn no_callback(_: &StepInfo) -> Result<()> {
+    Ok(())
+}
+
+/// The model's ε̂ (or x̂0, v̂) at timestep `t`, with the first `channels` channels kept when the
+/// model also predicts a variance (2·C outputs) and the sampler does not use it.
+fn model_output(
+    unet: &UNet2DModel,
+    x: &Tensor,
+    t: usize,
+    class_labels: Option<&Tensor>,
+) -> Result<Tensor> {
+    let t = Tensor::new(t as f32, x.device())?;
+    let out = unet.forward(x, &t, class_labels)?;
+    Ok(out.to_dtype(DType::F32)?)
+}
+
+fn keep_channels(out: Tensor, channels: usize) -> Result<Tensor> {
+    if out.dim(1)? == 2 * channels {
+        Ok(out.narrow(1, 0, channels)?.contiguous()?)
+    } else {
+        Ok(out)
+    }
+}
+
+/// The shape of x_T for `batch` images of the model: (b, in_channels, height, width) from the
+/// config's `sample_size`.
+pub fn noise_shape(unet: &UNet2DModel, batch: usize) -> Result<[usize; 4]> {
+    let c = unet.config();
+    let (h, w) = c.sample_size.ok_or_else(|| {
+        Error::config(
+            "sample_size",
+            "null",
+            "the unet config must give sample_size to sample from it",
+        )
+    })?;
+    Ok([batch, c.in_channels, h, w])
+}
+
+/// Samples from x_T: DDIM (`eta` per step) or DDPM, drawing every later noise from
+/// `generator` in diffusers' order (DDIM: one draw per step when eta > 0; DDPM: one per step
+/// with t > 0). Returns x_0 in model space ([-1, 1], unclipped, float32).
+pub fn sample(
+    unet: &UNet2DModel,
+    scheduler_config: &SchedulerConfig,
+    options: &SampleOptions,
+    x_t: Tensor,
+    generator: &mut Generator,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
+    let channels = x_t.dim(1)?;
+    let labels = options.class_labels.as_ref();
+    let mut x = x_t.to_dtype(DType::F32)?;
+    match options.sampler {
+        Sampler::Ddim => {
+            let mut s = DDIMScheduler::new(scheduler_config)?;
+            s.set_timesteps(options.num_inference_steps)?;
+            let ts = s.timesteps().to_vec();
+            for (index, &t) in ts.iter().enumerate() {
+                let out = keep_channels(model_output(unet, &x, t, labels)?, channels)?;
+                let z = if options.eta > 0.0 {
+                    Some(generator.randn(x.dims(), x.device())?)
+                } else {
+                    None
+                };
+                let step = s.step(
+                    &out,
+                    t,
+                    &x,
+                    options.eta,
+                    options.use_clipped_model_output,
+                    z.as_ref(),
+                )?;
+                callback(&StepInfo {
+                    index,
+                    num_steps: ts.len(),
+                    timestep: t,
+                    sample: &x,
+                    prev_sample: &step.prev_sample,
+                    pred_original_sample: &step.pred_original_sample,
+                })?;
+                x = step.prev_sample;
+            }
+        }
+        Sampler::Ddpm => {
+            let mut s = DDPMScheduler::new(scheduler_config)?;
+            s.set_timesteps(options.num_inference_steps)?;
+            let ts = s.timesteps().to_vec();
+            for (index, &t) in ts.iter().enumerate() {
+                let out = model_output(unet, &x, t, labels)?;
+                let z = if t > 0 {
+                    Some(generator.randn(x.dims(), x.device())?)
+                } else {
+                    None
+                };
+                let step = s.step(&out, t, &x, z.as_ref())?;
+                callback(&StepInfo {
+                    index,
+                    num_steps: ts.len(),
+                    timestep: t,
+                    sample: &x,
+                    prev_sample: &step.prev_sample,
+                    pred_original_sample: &step.pred_original_sample,
+                })?;
+                x = step.prev_sample;
+            }
+        }
+    }
+    Ok(x)
+}
+
+/// DDIM inversion: runs the deterministic DDIM update forwards from a clean x_0 to x_T with
+/// [`DDIMInverseScheduler`], visiting the same timesteps as a DDIM run of
+/// `num_inference_steps` (ascending). Sampling the result with DDIM at eta = 0 and the same
+/// steps reconstructs x_0 up to the discretisation error.
+pub fn invert(
+    unet: &UNet2DModel,
+    scheduler_config: &SchedulerConfig,
+    x0: &Tensor,
+    num_inference_steps: usize,
+    class_labels: Option<&Tensor>,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
+    let channels = x0.dim(1)?;
+    let mut s = DDIMInverseScheduler::new(scheduler_config)?;
+    s.set_timesteps(num_inference_steps)?;
+    let ts = s.timesteps().to_vec();
+    let mut x = x0.to_dtype(DType::F32)?;
+    for (index, &t) in ts.iter().enumerate() {
+        let out = keep_channels(model_output(unet, &x, t, class_labels)?, channels)?;
+        let step = s.step(&out, t, &x)?;
+        callback(&StepInfo {
+            index,
+            num_steps: ts.len(),
+            timestep: t,
+            sample: &x,
+            prev_sample: &step.prev_sample,
+            pred_original_sample: &step.pred_original_sample,
+        })?;
+        x = step.prev_sample;
+    }
+    Ok(x)
+}
+
+/// Spherical interpolation between two noise tensors of the same shape (DDIM paper, Sec. 5.3,
+/// after White 2016): `sin((1-α)θ)/sin θ · a + sin(αθ)/sin θ · b` with θ the angle between them.
+/// Falls back to linear interpolation when a and b are (nearly) parallel.
+pub fn slerp(a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        return Err(Error::argument(
+            "b",
+            format!("a tensor of shape {:?}", b.dims()),
+            format!("must have a's shape {:?}", a.dims()),
+        ));
+    }
+    if !(alpha.is_finite()) {
+        return Err(Error::argument("alpha", alpha, "must be a finite number"));
+    }
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let na = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+    let nb = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+    let cos = (dot / (na * nb)).clamp(-1.0, 1.0);
+    let theta = cos.acos();
+    let (wa, wb) = if theta.sin().abs() < 1e-6 {
+        (1.0 - alpha, alpha)
+    } else {
+        (
+            ((1.0 - alpha) * theta).sin() / theta.sin(),
+            (alpha * theta).sin() / theta.sin(),
+        )
+    };
+    Ok((a.affine(wa, 0.0)? + b.affine(wb, 0.0)?)?)
+}
+
+/// `frames` noise tensors on the great circle from `a` to `b` (both ends included), stacked
+/// along the batch dimension: (frames · b, c, h, w).
+pub fn interpolation_noise(a: &Tensor, b: &Tensor, frames: usize) -> Result<Tensor> {
+    if frames < 2 {
+        return Err(Error::argument(
+            "frames",
+            frames,
+            "must be at least 2 (the two ends)",
+        ));
+    }
+    let zs = (0..frames)
+        .map(|k| slerp(a, b, k as f64 / (frames - 1) as f64))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&zs, 0)?)
+}
