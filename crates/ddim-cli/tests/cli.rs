@@ -61,3 +61,354 @@ fn bad_values_exit_with_2_and_name_the_value() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!stderr(&o).contains("panicked"));
 }
+
+// --- sample / invert / interpolate on the tiny diffusers folder of the library's fixtures ---
+
+fn tiny_model() -> &'static str {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ddim/tests/fixtures/pipeline/tiny-ddpm"
+    )
+}
+
+fn expected_case(name: &str) -> (Vec<f32>, serde_json::Value) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ddim/tests/fixtures/pipeline/expected.json"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone();
+    let values = case["final"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    (values, case)
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ddim-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn sample_with_torch_rng_reproduces_diffusers_through_the_cli() {
+    let dir = tmp("torch");
+    for (case, extra) in [
+        ("ddim-default", vec!["--steps", "10"]),
+        ("ddim-eta-0.5", vec!["--steps", "10", "--eta", "0.5"]),
+        ("ddpm-20", vec!["--scheduler", "ddpm", "--steps", "20"]),
+    ] {
+        let (expected, c) = expected_case(case);
+        let seed = c["seed"].to_string();
+        let x = dir.join(format!("{case}.npy"));
+        let mut args = vec![
+            "sample",
+            "--model",
+            tiny_model(),
+            "-n",
+            "2",
+            "--rng",
+            "torch",
+            "--seed",
+            &seed,
+            "--quiet",
+            "--save-tensor",
+            x.to_str().unwrap(),
+            "--output",
+        ];
+        let out = dir.join(case);
+        args.push(out.to_str().unwrap());
+        args.extend(extra.iter().copied());
+        let o = ddim(&args);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let got = ddim::npy::read_npy(&x).unwrap();
+        assert_eq!(got.shape, vec![2, 3, 8, 8]);
+        let d = max_diff(&got.data, &expected);
+        assert!(d < 1e-3, "{case}: max |Δ| = {d}");
+        assert!(out.join("sample_00000.png").exists() && out.join("sample_00001.png").exists());
+    }
+}
+
+#[test]
+fn sample_numbers_after_existing_files_and_respects_noise_files() {
+    let dir = tmp("numbering");
+    let out = dir.join("imgs");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            tiny_model(),
+            "--steps",
+            "3",
+            "-q",
+            "--output",
+        ];
+        let o = out.to_str().unwrap().to_string();
+        args.push(&o);
+        args.extend_from_slice(extra);
+        let r = ddim(&args);
+        assert!(r.status.success(), "{}", stderr(&r));
+    };
+    run(&["-n", "2"]);
+    run(&["-n", "1"]);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    );
+
+    // The default generator: image 1 of a run is the same alone or in a batch (--noise round trip).
+    let a = dir.join("a.npy");
+    let b = dir.join("b.npy");
+    let r = ddim(&[
+        "sample",
+        "--model",
+        tiny_model(),
+        "--steps",
+        "3",
+        "-q",
+        "-n",
+        "3",
+        "--batch-size",
+        "2",
+        "--seed",
+        "5",
+        "--output",
+        dir.join("o1").to_str().unwrap(),
+        "--save-tensor",
+        a.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = ddim(&[
+        "sample",
+        "--model",
+        tiny_model(),
+        "--steps",
+        "3",
+        "-q",
+        "-n",
+        "3",
+        "--batch-size",
+        "3",
+        "--seed",
+        "5",
+        "--output",
+        dir.join("o2").to_str().unwrap(),
+        "--save-tensor",
+        b.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // The noise is bit-identical; the UNet's float sums may differ in the last bits between batch
+    // shapes (gemm blocking), so compare with a tolerance.
+    let d = max_diff(
+        &ddim::npy::read_npy(&a).unwrap().data,
+        &ddim::npy::read_npy(&b).unwrap().data,
+    );
+    assert!(d < 1e-4, "batch 2+1 vs batch 3: max |Δ| = {d}");
+    // An existing tensor file is not overwritten without --overwrite.
+    let r = ddim(&[
+        "sample",
+        "--model",
+        tiny_model(),
+        "--steps",
+        "3",
+        "-q",
+        "--output",
+        dir.join("o3").to_str().unwrap(),
+        "--save-tensor",
+        a.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("--overwrite"), "{}", stderr(&r));
+}
+
+#[test]
+fn sample_rejects_bad_input_with_exit_code_2() {
+    let dir = tmp("bad");
+    let m = tiny_model();
+    let out = dir.join("o");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["sample", "--model", m, "--steps", "0", "--output", o],
+            "num_inference_steps",
+        ),
+        (
+            vec!["sample", "--model", m, "--steps", "100000", "--output", o],
+            "100000",
+        ),
+        (
+            vec!["sample", "--model", m, "--eta", "-1", "--output", o],
+            "eta",
+        ),
+        (
+            vec!["sample", "--model", m, "-n", "0", "--output", o],
+            "-n 0",
+        ),
+        (
+            vec!["sample", "--model", "/no/such/model", "--output", o],
+            "/no/such/model",
+        ),
+        (vec!["sample", "--output", o], "--model"),
+        (
+            vec![
+                "sample",
+                "--model",
+                m,
+                "--timestep-spacing",
+                "sideways",
+                "--output",
+                o,
+            ],
+            "sideways",
+        ),
+        (
+            vec![
+                "sample",
+                "--model",
+                m,
+                "--rng",
+                "torch",
+                "-n",
+                "4",
+                "--batch-size",
+                "2",
+                "--output",
+                o,
+            ],
+            "one batch",
+        ),
+    ] {
+        let r = ddim(&args);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {}", stderr(&r));
+        let e = stderr(&r);
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
+    // A --noise file of the wrong shape, and one with a NaN.
+    let wrong = dir.join("wrong.npy");
+    ddim::npy::write_npy(&wrong, &[1, 3, 4, 4], &[0.0; 48]).unwrap();
+    let r = ddim(&[
+        "sample",
+        "--model",
+        m,
+        "--noise",
+        wrong.to_str().unwrap(),
+        "--output",
+        o,
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("does not match"), "{}", stderr(&r));
+    let nan = dir.join("nan.npy");
+    let mut v = vec![0.0f32; 192];
+    v[7] = f32::NAN;
+    ddim::npy::write_npy(&nan, &[1, 3, 8, 8], &v).unwrap();
+    let r = ddim(&[
+        "sample",
+        "--model",
+        m,
+        "--noise",
+        nan.to_str().unwrap(),
+        "--output",
+        o,
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("not finite"), "{}", stderr(&r));
+}
+
+#[test]
+fn invert_then_reconstruct_and_interpolate() {
+    let dir = tmp("invert");
+    let m = tiny_model();
+    // A sample to invert: write one image, then invert it.
+    let img = dir.join("x.png");
+    let r = ddim(&[
+        "sample",
+        "--model",
+        m,
+        "--steps",
+        "5",
+        "-q",
+        "--output",
+        img.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let xt = dir.join("xt.npy");
+    let rec = dir.join("rec.png");
+    let r = ddim(&[
+        "invert",
+        "--model",
+        m,
+        "--input",
+        img.to_str().unwrap(),
+        "--steps",
+        "20",
+        "-q",
+        "--save-tensor",
+        xt.to_str().unwrap(),
+        "--reconstruct",
+        rec.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("PSNR"), "{out}");
+    assert_eq!(ddim::npy::read_npy(&xt).unwrap().shape, vec![1, 3, 8, 8]);
+    assert!(rec.exists());
+
+    let gif = dir.join("walk.gif");
+    let r = ddim(&[
+        "interpolate",
+        "--model",
+        m,
+        "--seed-a",
+        "1",
+        "--seed-b",
+        "2",
+        "--frames",
+        "4",
+        "--steps",
+        "3",
+        "-q",
+        "--output",
+        gif.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(gif.exists());
+    let r = ddim(&[
+        "interpolate",
+        "--model",
+        m,
+        "--seed-a",
+        "1",
+        "--seed-b",
+        "2",
+        "--frames",
+        "1",
+        "--output",
+        dir.join("g.png").to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+}
