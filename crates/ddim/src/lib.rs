@@ -20,6 +20,7 @@
 //! ```
 
 pub mod error;
+pub mod hub;
 pub mod loader;
 pub mod rng;
 pub mod schedule;
