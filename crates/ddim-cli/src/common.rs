@@ -74,8 +74,9 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
     })
 }
 
-/// Resolves `--model` (a folder or a hub id) to a local folder.
-pub fn model_dir(spec: Option<&str>) -> Result<PathBuf> {
+/// Resolves `--model` (a folder or a hub id) to a local folder; hub ids go through the
+/// Hugging Face cache (downloading unless HF_HUB_OFFLINE is set).
+pub fn model_dir(spec: Option<&str>, quiet: bool) -> Result<PathBuf> {
     let Some(spec) = spec else {
         return Err(UsageError(
             "no --model given, and this build ships no default model yet: pass --model with a \
@@ -84,19 +85,16 @@ pub fn model_dir(spec: Option<&str>) -> Result<PathBuf> {
         )
         .into());
     };
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    Err(UsageError(format!(
-        "--model {spec}: no such model folder (hub ids are resolved once the hub support lands)"
-    ))
-    .into())
+    let options = ddim::hub::HubOptions {
+        progress: !quiet,
+        ..ddim::hub::HubOptions::from_env()
+    };
+    Ok(ddim::hub::resolve_model_with(spec, &options)?)
 }
 
 /// Loads the UNet and the folder's scheduler config, warning about keys we do not know.
 pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<Model> {
-    let dir = model_dir(args.model.as_deref())?;
+    let dir = model_dir(args.model.as_deref(), args.quiet)?;
     let device = device(args.device)?;
     let unet = load_unet(&dir, DType::F32, &device)
         .with_context(|| format!("loading the UNet from {}", dir.display()))?;

@@ -79,6 +79,13 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                     | ddim::Error::InvalidArgument { .. }
                     | ddim::Error::Io { .. }
                     | ddim::Error::Json { .. }
+                    | ddim::Error::ModelFileNotFound { .. }
+                    | ddim::Error::WeightMismatch { .. }
+                    | ddim::Error::Npy { .. }
+                    | ddim::Error::Image { .. }
+                    | ddim::Error::ModelNotFound { .. }
+                    | ddim::Error::HubNotCached { .. }
+                    | ddim::Error::HubRepoLayout { .. }
             )
         ) || cause.downcast_ref::<UsageError>().is_some()
     });

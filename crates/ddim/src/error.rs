@@ -93,6 +93,63 @@ pub enum Error {
         /// What is wrong and what is allowed instead.
         reason: String,
     },
+
+    /// A model argument that is neither an existing folder nor a valid Hugging Face hub id.
+    #[error(
+        "model folder or hub id not found: `{spec}` ({reason}); give an existing model folder, \
+         or a Hugging Face hub id like `google/ddpm-cifar10-32` or `owner/name@revision`"
+    )]
+    ModelNotFound {
+        /// The argument as given.
+        spec: String,
+        /// Why it is neither.
+        reason: String,
+    },
+
+    /// Offline mode (`HF_HUB_OFFLINE`) is on and the hub repo's files are not in the cache.
+    #[error(
+        "`{repo_id}` (revision `{revision}`) is not in the Hugging Face cache at {}: {detail}; \
+         offline mode (HF_HUB_OFFLINE) is on, so nothing was downloaded. Run once without \
+         HF_HUB_OFFLINE (or `huggingface-cli download {repo_id} --revision {revision}`) to fill \
+         the cache, or point HF_HUB_CACHE / HF_HOME at the cache that holds it",
+        cache_dir.display()
+    )]
+    HubNotCached {
+        /// The hub id, e.g. `google/ddpm-cifar10-32`.
+        repo_id: String,
+        /// The branch, tag or commit asked for.
+        revision: String,
+        /// The cache folder that was looked in.
+        cache_dir: PathBuf,
+        /// What is missing.
+        detail: String,
+    },
+
+    /// A request to the Hugging Face hub failed (network, unknown repo, no access).
+    #[error(
+        "fetching `{repo_id}` (revision `{revision}`) from the Hugging Face hub: {source}; {hint}"
+    )]
+    HubRequest {
+        /// The hub id.
+        repo_id: String,
+        /// The branch, tag or commit asked for.
+        revision: String,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// What to try.
+        hint: String,
+    },
+
+    /// A hub repo that does not hold a diffusers UNet (config and single-file weights).
+    #[error("hub repo `{repo_id}` (revision `{revision}`) holds no diffusers UNet: {reason}")]
+    HubRepoLayout {
+        /// The hub id.
+        repo_id: String,
+        /// The branch, tag or commit asked for.
+        revision: String,
+        /// What is missing.
+        reason: String,
+    },
 }
 
 /// One way in which a weights file and a model config disagree.
