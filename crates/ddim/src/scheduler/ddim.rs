@@ -6,7 +6,9 @@
 use candle_core::Tensor;
 
 use super::kernel::{self, StepCoefficients};
-use super::{check_defined, check_eta, clip_of, spaced_timesteps, NoiseLevels, StepOutput};
+use super::{
+    check_defined, check_eta, clip_of, position_in, spaced_timesteps, NoiseLevels, StepOutput,
+};
 use super::{PredictionType, SchedulerConfig};
 use crate::{Error, Result};
 
@@ -101,22 +103,7 @@ impl DDIMScheduler {
     /// The timestep after `timestep` in the schedule, `None` after the last one (where ᾱ is
     /// [`DDIMScheduler::final_alpha_cumprod`]).
     pub fn previous_timestep(&self, timestep: usize) -> Result<Option<usize>> {
-        let i = self
-            .timesteps
-            .iter()
-            .position(|&t| t == timestep)
-            .ok_or_else(|| {
-                Error::argument(
-                    "timestep",
-                    timestep,
-                    format!(
-                        "is not in the schedule set by set_timesteps ({} steps from {} to {})",
-                        self.timesteps.len(),
-                        self.timesteps.first().copied().unwrap_or(0),
-                        self.timesteps.last().copied().unwrap_or(0)
-                    ),
-                )
-            })?;
+        let i = position_in(&self.timesteps, timestep)?;
         Ok(self.timesteps.get(i + 1).copied())
     }
 

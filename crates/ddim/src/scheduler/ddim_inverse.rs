@@ -7,8 +7,8 @@ use candle_core::Tensor;
 
 use super::kernel::{self, StepCoefficients};
 use super::SchedulerConfig;
-use super::{check_defined, spaced_timesteps, NoiseLevels, StepOutput};
-use crate::{Error, Result};
+use super::{check_defined, position_in, spaced_timesteps, NoiseLevels, StepOutput};
+use crate::Result;
 
 /// The DDIM inverse scheduler. Its timesteps ascend; step `i` moves the sample from the noise
 /// level of timestep `i - 1` (or the initial ᾱ) to that of timestep `i`, using the model's
@@ -82,22 +82,7 @@ impl DDIMInverseScheduler {
 
     /// The timestep a step to `timestep` starts from; `None` for the first step (initial ᾱ).
     pub fn start_timestep(&self, timestep: usize) -> Result<Option<usize>> {
-        let i = self
-            .timesteps
-            .iter()
-            .position(|&t| t == timestep)
-            .ok_or_else(|| {
-                Error::argument(
-                    "timestep",
-                    timestep,
-                    format!(
-                        "is not in the inversion schedule ({} steps from {} to {})",
-                        self.timesteps.len(),
-                        self.timesteps.first().copied().unwrap_or(0),
-                        self.timesteps.last().copied().unwrap_or(0)
-                    ),
-                )
-            })?;
+        let i = position_in(&self.timesteps, timestep)?;
         Ok(i.checked_sub(1).map(|j| self.timesteps[j]))
     }
 

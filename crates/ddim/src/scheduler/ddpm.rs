@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 
 use super::kernel::{self, StepCoefficients};
-use super::{check_defined, clip_of, spaced_timesteps, NoiseLevels, StepOutput};
+use super::{check_defined, clip_of, position_in, spaced_timesteps, NoiseLevels, StepOutput};
 use super::{SchedulerConfig, VarianceType};
 use crate::{Error, Result};
 
@@ -110,22 +110,7 @@ impl DDPMScheduler {
 
     /// The timestep after `timestep` in the schedule; `None` after the last one (ᾱ = 1).
     pub fn previous_timestep(&self, timestep: usize) -> Result<Option<usize>> {
-        let i = self
-            .timesteps
-            .iter()
-            .position(|&t| t == timestep)
-            .ok_or_else(|| {
-                Error::argument(
-                    "timestep",
-                    timestep,
-                    format!(
-                        "is not in the schedule ({} steps from {} to {})",
-                        self.timesteps.len(),
-                        self.timesteps.first().copied().unwrap_or(0),
-                        self.timesteps.last().copied().unwrap_or(0)
-                    ),
-                )
-            })?;
+        let i = position_in(&self.timesteps, timestep)?;
         Ok(self.timesteps.get(i + 1).copied())
     }
 

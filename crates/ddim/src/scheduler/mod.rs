@@ -126,6 +126,25 @@ pub fn spaced_timesteps(
     Ok(ts)
 }
 
+/// The position of `timestep` in a schedule, or an error naming it and the schedule's range.
+pub(crate) fn position_in(timesteps: &[usize], timestep: usize) -> Result<usize> {
+    timesteps
+        .iter()
+        .position(|&t| t == timestep)
+        .ok_or_else(|| {
+            Error::argument(
+                "timestep",
+                timestep,
+                format!(
+                    "is not in the schedule set by set_timesteps ({} steps from {} to {})",
+                    timesteps.len(),
+                    timesteps.first().copied().unwrap_or(0),
+                    timesteps.last().copied().unwrap_or(0)
+                ),
+            )
+        })
+}
+
 /// The noise levels shared by every scheduler: betas and ᾱ_t (`alphas_cumprod`), float32 as in diffusers.
 #[derive(Clone, Debug)]
 pub(crate) struct NoiseLevels {
