@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use ddim::scheduler::{
     DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, PredictionType, SchedulerConfig,
-    TimestepSpacing,
+    SchedulerKind, TimestepSpacing,
 };
 
 use crate::UsageError;
@@ -43,6 +43,13 @@ pub struct ScheduleArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the config as the chosen scheduler's diffusers `scheduler_config.json`
+    /// (e.g. a DDPM config converted to DDIM, as `DDIMScheduler.from_config` does).
+    #[arg(long, value_name = "FILE.json")]
+    save_config: Option<PathBuf>,
+    /// Overwrite an existing --save-config file.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 pub fn run(args: ScheduleArgs) -> Result<()> {
@@ -66,6 +73,22 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
             args.eta
         ))
         .into());
+    }
+    if let Some(path) = &args.save_config {
+        if path.exists() && !args.overwrite {
+            return Err(UsageError(format!(
+                "{} exists; pass --overwrite to replace it",
+                path.display()
+            ))
+            .into());
+        }
+        let kind = match args.scheduler {
+            Which::Ddim => SchedulerKind::Ddim,
+            Which::Ddpm => SchedulerKind::Ddpm,
+            Which::DdimInverse => SchedulerKind::DdimInverse,
+        };
+        config.save(kind, path)?;
+        eprintln!("wrote {} ({})", path.display(), kind.class_name());
     }
     // (t, ᾱ_t, the next timestep, ᾱ there, σ_t)
     let rows: Vec<(usize, f32, Option<usize>, f32, f32)> = match args.scheduler {

@@ -467,3 +467,37 @@ fn hub_ids_resolve_from_a_local_cache_offline() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(out.join("sample_00000.png").exists());
 }
+
+#[test]
+fn schedule_converts_and_writes_scheduler_configs() {
+    // A DDPM config (google/ddpm-cifar10-32) written back as a DDIMScheduler config, the way
+    // DDIMScheduler.from_config + save_config would (checked to load in diffusers 0.42.1).
+    let dir = tmp("save-config");
+    let src = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ddim/tests/fixtures/hub-configs/google--ddpm-cifar10-32/scheduler_config.json"
+    );
+    let out = dir.join("scheduler_config.json");
+    let o = ddim(&[
+        "schedule",
+        "--config",
+        src,
+        "--save-config",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loaded = ddim::scheduler::SchedulerConfig::from_file(&out).unwrap();
+    assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
+    assert_eq!(loaded.config.class_name.as_deref(), Some("DDIMScheduler"));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(!text.contains("variance_type") && text.contains("set_alpha_to_one"));
+    // Not overwritten without --overwrite.
+    let o = ddim(&[
+        "schedule",
+        "--config",
+        src,
+        "--save-config",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
