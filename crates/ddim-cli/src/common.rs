@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// Where the model runs.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Use this scheduler_config.json instead of the model folder's (any of diffusers' DDIM,
+    /// DDPM or DDIM-inverse configs).
+    #[arg(long, value_name = "FILE.json")]
+    pub scheduler_config: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -104,7 +108,11 @@ pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<
             unet.files.config.display()
         );
     }
-    let mut scheduler_config = match unet.scheduler_config() {
+    let scheduler_file = args
+        .scheduler_config
+        .as_deref()
+        .or_else(|| unet.scheduler_config());
+    let mut scheduler_config = match scheduler_file {
         Some(path) => {
             let loaded = SchedulerConfig::from_file(path)
                 .with_context(|| format!("reading the scheduler config {}", path.display()))?;

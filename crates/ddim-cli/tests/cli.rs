@@ -71,29 +71,6 @@ fn tiny_model() -> &'static str {
     )
 }
 
-fn expected_case(name: &str) -> (Vec<f32>, serde_json::Value) {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../ddim/tests/fixtures/pipeline/expected.json"
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let case = v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone();
-    let values = case["final"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    (values, case)
-}
-
 fn tmp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("ddim-cli-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -109,43 +86,142 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The tiny model as `DDIMPipeline.save_pretrained` wrote it: its model_index.json and DDIM
+/// scheduler config from the fixtures, and the (byte-identical) unet of the DDPMPipeline folder.
+fn tiny_ddim_pipeline(dir: &std::path::Path) -> std::path::PathBuf {
+    let fx = std::path::Path::new(tiny_model()).parent().unwrap();
+    let out = dir.join("tiny-ddim-pipeline");
+    for sub in ["unet", "scheduler"] {
+        std::fs::create_dir_all(out.join(sub)).unwrap();
+    }
+    let src = fx.join("tiny-ddim-pipeline");
+    std::fs::copy(src.join("model_index.json"), out.join("model_index.json")).unwrap();
+    std::fs::copy(
+        src.join("scheduler/scheduler_config.json"),
+        out.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(
+            std::path::Path::new(tiny_model()).join("unet").join(f),
+            out.join("unet").join(f),
+        )
+        .unwrap();
+    }
+    out
+}
+
 #[test]
 fn sample_with_torch_rng_reproduces_diffusers_through_the_cli() {
+    // Every sampling case of the pipeline fixtures (DDIM eta 0/0.5/1, epsilon/v/sample prediction,
+    // leading/trailing/linspace, DDPM 20 and 100 steps), through `ddim sample`, on the folder saved
+    // by DDPMPipeline and on the one saved by DDIMPipeline.
     let dir = tmp("torch");
-    for (case, extra) in [
-        ("ddim-default", vec!["--steps", "10"]),
-        ("ddim-eta-0.5", vec!["--steps", "10", "--eta", "0.5"]),
-        ("ddpm-20", vec!["--scheduler", "ddpm", "--steps", "20"]),
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ddim/tests/fixtures/pipeline/expected.json"
+    );
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ddim_folder = tiny_ddim_pipeline(&dir);
+    let mut worst = 0f32;
+    for model in [
+        tiny_model().to_string(),
+        ddim_folder.to_str().unwrap().to_string(),
     ] {
-        let (expected, c) = expected_case(case);
-        let seed = c["seed"].to_string();
-        let x = dir.join(format!("{case}.npy"));
-        let mut args = vec![
-            "sample",
-            "--model",
-            tiny_model(),
-            "-n",
-            "2",
-            "--rng",
-            "torch",
-            "--seed",
-            &seed,
-            "--quiet",
-            "--save-tensor",
-            x.to_str().unwrap(),
-            "--output",
-        ];
-        let out = dir.join(case);
-        args.push(out.to_str().unwrap());
-        args.extend(extra.iter().copied());
-        let o = ddim(&args);
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let got = ddim::npy::read_npy(&x).unwrap();
-        assert_eq!(got.shape, vec![2, 3, 8, 8]);
-        let d = max_diff(&got.data, &expected);
-        assert!(d < 1e-3, "{case}: max |Δ| = {d}");
-        assert!(out.join("sample_00000.png").exists() && out.join("sample_00001.png").exists());
+        for (k, c) in fx["cases"].as_array().unwrap().iter().enumerate() {
+            let name = c["name"].as_str().unwrap();
+            let expected: Vec<f32> = c["final"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let cfg = dir.join(format!("{k}-scheduler_config.json"));
+            std::fs::write(&cfg, c["scheduler_config"].to_string()).unwrap();
+            let x = dir.join(format!("{k}.npy"));
+            let out = dir.join(format!("{k}-images"));
+            let (steps, eta, seed) = (
+                c["steps"].to_string(),
+                c["eta"].to_string(),
+                c["seed"].to_string(),
+            );
+            let o = ddim(&[
+                "sample",
+                "--model",
+                &model,
+                "-n",
+                "2",
+                "--rng",
+                "torch",
+                "--seed",
+                &seed,
+                "--quiet",
+                "--scheduler",
+                c["sampler"].as_str().unwrap(),
+                "--steps",
+                &steps,
+                "--eta",
+                &eta,
+                "--scheduler-config",
+                cfg.to_str().unwrap(),
+                "--save-tensor",
+                x.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--overwrite",
+            ]);
+            assert!(o.status.success(), "{name}: {}", stderr(&o));
+            let got = ddim::npy::read_npy(&x).unwrap();
+            assert_eq!(got.shape, vec![2, 3, 8, 8]);
+            let d = max_diff(&got.data, &expected);
+            assert!(d < 1e-3, "{name} on {model}: max |Δ| = {d}");
+            worst = worst.max(d);
+            assert!(out.join("sample_00001.png").exists());
+        }
     }
+    eprintln!("largest difference from diffusers through the CLI: {worst:e}");
+
+    // Inversion through `ddim invert`, against DDIMInverseScheduler's loop.
+    let inv = &fx["inversion"];
+    let x0: Vec<f32> = inv["x0"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let x0_path = dir.join("x0.npy");
+    ddim::npy::write_npy(&x0_path, &[1, 3, 8, 8], &x0).unwrap();
+    let cfg = dir.join("inverse-config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"_class_name": "DDPMScheduler", "clip_sample": false, "variance_type": "fixed_large"}"#,
+    )
+    .unwrap();
+    let xt = dir.join("xt.npy");
+    let o = ddim(&[
+        "invert",
+        "--model",
+        tiny_model(),
+        "--input",
+        x0_path.to_str().unwrap(),
+        "--steps",
+        "10",
+        "-q",
+        "--scheduler-config",
+        cfg.to_str().unwrap(),
+        "--save-tensor",
+        xt.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected: Vec<f32> = inv["x_t"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    let d = max_diff(&ddim::npy::read_npy(&xt).unwrap().data, &expected);
+    assert!(d < 1e-3, "inversion through the CLI: max |Δ| = {d}");
 }
 
 #[test]
