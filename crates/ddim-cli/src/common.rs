@@ -188,3 +188,15 @@ pub fn check_noise(noise: &Tensor, expected: &[usize], path: &Path) -> Result<()
     }
     Ok(())
 }
+
+/// Refuses to replace an existing file unless `--overwrite` was given.
+pub fn refuse_existing(path: &Path, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        return Err(UsageError(format!(
+            "{} exists; pass --overwrite to replace it",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
+}

@@ -79,13 +79,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         ))
         .into());
     }
-    if args.output.exists() && !args.overwrite {
-        return Err(UsageError(format!(
-            "{} exists; pass --overwrite to replace it",
-            args.output.display()
-        ))
-        .into());
-    }
+    common::refuse_existing(&args.output, args.overwrite)?;
     let spacing = args
         .timestep_spacing
         .as_deref()

@@ -11,7 +11,6 @@ use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ModelArgs};
-use crate::UsageError;
 
 #[derive(Args, Debug)]
 pub struct InvertArgs {
@@ -51,13 +50,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .into_iter()
         .flatten()
     {
-        if path.exists() && !args.overwrite {
-            return Err(UsageError(format!(
-                "{} exists; pass --overwrite to replace it",
-                path.display()
-            ))
-            .into());
-        }
+        common::refuse_existing(path, args.overwrite)?;
     }
     let model = common::load_model(&args.model, spacing)?;
     let shape = pipeline::noise_shape(&model.unet.model, 1)?;

@@ -190,21 +190,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
         Some(dir) if !args.overwrite => image_io::next_free_index(dir, "sample", "png")?,
         _ => 0,
     };
-    if single_file && args.output.exists() && !args.overwrite {
-        return Err(UsageError(format!(
-            "--output {} exists; pass --overwrite to replace it",
-            args.output.display()
-        ))
-        .into());
+    if single_file {
+        common::refuse_existing(&args.output, args.overwrite)?;
     }
     for path in [&args.grid, &args.save_tensor].into_iter().flatten() {
-        if path.exists() && !args.overwrite {
-            return Err(UsageError(format!(
-                "{} exists; pass --overwrite to replace it",
-                path.display()
-            ))
-            .into());
-        }
+        common::refuse_existing(path, args.overwrite)?;
     }
 
     let batches = n.div_ceil(batch);

@@ -10,6 +10,7 @@ use ddim::scheduler::{
     SchedulerKind, TimestepSpacing,
 };
 
+use crate::common;
 use crate::UsageError;
 
 /// Which scheduler's schedule to print.
@@ -75,13 +76,7 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         .into());
     }
     if let Some(path) = &args.save_config {
-        if path.exists() && !args.overwrite {
-            return Err(UsageError(format!(
-                "{} exists; pass --overwrite to replace it",
-                path.display()
-            ))
-            .into());
-        }
+        common::refuse_existing(path, args.overwrite)?;
         let kind = match args.scheduler {
             Which::Ddim => SchedulerKind::Ddim,
             Which::Ddpm => SchedulerKind::Ddpm,

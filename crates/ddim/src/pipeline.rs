@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::rng::{ImageStream, TorchGenerator};
-use crate::scheduler::{DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, SchedulerConfig};
+use crate::scheduler::{
+    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, SchedulerConfig, StepOutput,
+};
 use crate::unet::UNet2DModel;
 use crate::{Error, Result};
 
@@ -123,6 +125,27 @@ pub struct StepInfo<'a> {
     pub pred_original_sample: &'a Tensor,
 }
 
+impl<'a> StepInfo<'a> {
+    /// What a callback sees after step `index` of `num_steps` at timestep `t` turned `sample`
+    /// into `step`.
+    fn after(
+        index: usize,
+        num_steps: usize,
+        timestep: usize,
+        sample: &'a Tensor,
+        step: &'a StepOutput,
+    ) -> Self {
+        StepInfo {
+            index,
+            num_steps,
+            timestep,
+            sample,
+            prev_sample: &step.prev_sample,
+            pred_original_sample: &step.pred_original_sample,
+        }
+    }
+}
+
 /// A callback that does nothing, for runs that need none.
 pub fn no_callback(_: &StepInfo) -> Result<()> {
     Ok(())
@@ -197,14 +220,7 @@ pub fn sample(
                     options.use_clipped_model_output,
                     z.as_ref(),
                 )?;
-                callback(&StepInfo {
-                    index,
-                    num_steps: ts.len(),
-                    timestep: t,
-                    sample: &x,
-                    prev_sample: &step.prev_sample,
-                    pred_original_sample: &step.pred_original_sample,
-                })?;
+                callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
                 x = step.prev_sample;
             }
         }
@@ -220,14 +236,7 @@ pub fn sample(
                     None
                 };
                 let step = s.step(&out, t, &x, z.as_ref())?;
-                callback(&StepInfo {
-                    index,
-                    num_steps: ts.len(),
-                    timestep: t,
-                    sample: &x,
-                    prev_sample: &step.prev_sample,
-                    pred_original_sample: &step.pred_original_sample,
-                })?;
+                callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
                 x = step.prev_sample;
             }
         }
@@ -255,14 +264,7 @@ pub fn invert(
     for (index, &t) in ts.iter().enumerate() {
         let out = keep_channels(model_output(unet, &x, t, class_labels)?, channels)?;
         let step = s.step(&out, t, &x)?;
-        callback(&StepInfo {
-            index,
-            num_steps: ts.len(),
-            timestep: t,
-            sample: &x,
-            prev_sample: &step.prev_sample,
-            pred_original_sample: &step.pred_original_sample,
-        })?;
+        callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
         x = step.prev_sample;
     }
     Ok(x)
