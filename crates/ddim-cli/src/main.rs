@@ -15,6 +15,7 @@ mod interpolate_cmd;
 mod invert_cmd;
 mod sample_cmd;
 mod schedule_cmd;
+mod train_cmd;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,8 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Print the timesteps and noise levels a scheduler config gives for N inference steps.
     Schedule(schedule_cmd::ScheduleArgs),
+    /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
+    Train(train_cmd::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Interpolate(args) => interpolate_cmd::run(args),
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
+        Command::Train(args) => train_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

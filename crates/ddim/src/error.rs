@@ -150,6 +150,18 @@ pub enum Error {
         /// What is missing.
         reason: String,
     },
+
+    /// Training produced a loss or gradient that is not finite; the weights were not updated.
+    #[error(
+        "training diverged at step {step}: {what}; the weights were left as they were before this \
+         step (try a lower --lr, or --max-grad-norm)"
+    )]
+    Diverged {
+        /// The step that failed, from 1.
+        step: u64,
+        /// What was not finite.
+        what: String,
+    },
 }
 
 /// One way in which a weights file and a model config disagree.

@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 pub mod scheduler;
+pub mod train;
 pub mod unet;
 
 pub use error::{Error, Result, WeightProblem};
