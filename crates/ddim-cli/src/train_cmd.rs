@@ -217,7 +217,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.save_every == 0 {
         return Err(usage("--save-every 0: must be at least 1".into()));
     }
-    let fit = args.fit.as_deref().map(Fit::from_name).transpose()?.unwrap_or_default();
+    let fit = args
+        .fit
+        .as_deref()
+        .map(Fit::from_name)
+        .transpose()?
+        .unwrap_or_default();
     let device: Device = common::device(args.device)?;
     let state = args.output.join(train::STATE_NAME);
 
@@ -267,7 +272,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Err(usage(format!(
             "--data {}: {} channel(s) at {}×{}, but the model takes {} channel(s) at {:?}; use \
              --resolution / --channels to match",
-            args.data, data.channels, data.size, data.size, cfg.unet.in_channels, cfg.unet.sample_size
+            args.data,
+            data.channels,
+            data.size,
+            data.size,
+            cfg.unet.in_channels,
+            cfg.unet.sample_size
         )));
     }
     let done = trainer.step_count();

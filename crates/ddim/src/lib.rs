@@ -24,6 +24,7 @@ pub mod hub;
 pub mod image_io;
 pub mod loader;
 pub mod npy;
+pub mod ops;
 pub mod pipeline;
 pub mod rng;
 pub mod schedule;

@@ -39,8 +39,9 @@ fn write_safetensors(
                 .map_err(|e| Error::argument("tensor", name, format!("a valid tensor ({e})")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::argument("checkpoint", path.display(), format!("serialisable ({e})")))?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| {
+        Error::argument("checkpoint", path.display(), format!("serialisable ({e})"))
+    })?;
     write_atomically(path, |w| w.write_all(&bytes))
 }
 
@@ -65,10 +66,15 @@ pub fn save_pipeline(trainer: &Trainer, dir: &Path) -> Result<()> {
         .map(|((n, v), e)| (n.clone(), v.dims().to_vec(), f32_bytes(e)))
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&dir.join("unet").join(SAFETENSORS_NAME), tensors, Some(meta))?;
+    write_safetensors(
+        &dir.join("unet").join(SAFETENSORS_NAME),
+        tensors,
+        Some(meta),
+    )?;
     let config = trainer.config();
     write_json(&dir.join("unet").join(CONFIG_NAME), &config.unet.to_json())?;
-    std::fs::create_dir_all(dir.join("scheduler")).map_err(|e| Error::io(&dir.join("scheduler"), e))?;
+    std::fs::create_dir_all(dir.join("scheduler"))
+        .map_err(|e| Error::io(&dir.join("scheduler"), e))?;
     config.scheduler.save(
         SchedulerKind::Ddpm,
         dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
@@ -90,9 +96,21 @@ pub fn save_state(trainer: &Trainer, dir: &Path) -> Result<()> {
     let mut tensors = Vec::with_capacity(4 * names.len() + 1);
     for (i, (name, var)) in names.iter().zip(vars).enumerate() {
         let shape = var.dims().to_vec();
-        tensors.push((format!("param/{name}"), shape.clone(), f32_bytes(&params[i])));
-        tensors.push((format!("adam_m/{name}"), shape.clone(), f32_bytes(&moments[i].m)));
-        tensors.push((format!("adam_v/{name}"), shape.clone(), f32_bytes(&moments[i].v)));
+        tensors.push((
+            format!("param/{name}"),
+            shape.clone(),
+            f32_bytes(&params[i]),
+        ));
+        tensors.push((
+            format!("adam_m/{name}"),
+            shape.clone(),
+            f32_bytes(&moments[i].m),
+        ));
+        tensors.push((
+            format!("adam_v/{name}"),
+            shape.clone(),
+            f32_bytes(&moments[i].v),
+        ));
         tensors.push((format!("ema/{name}"), shape, f32_bytes(&ema[i])));
     }
     let losses = trainer.losses();
@@ -124,11 +142,9 @@ pub fn load_state(dir: &Path, device: &Device) -> Result<Trainer> {
     if meta.get("format").map(String::as_str) != Some(STATE_FORMAT) {
         return Err(bad(format!("format is not {STATE_FORMAT}")));
     }
-    let config_json: serde_json::Value = serde_json::from_str(
-        meta.get("config")
-            .ok_or_else(|| bad("no config".into()))?,
-    )
-    .map_err(|e| bad(e.to_string()))?;
+    let config_json: serde_json::Value =
+        serde_json::from_str(meta.get("config").ok_or_else(|| bad("no config".into()))?)
+            .map_err(|e| bad(e.to_string()))?;
     let config = TrainConfig::from_json(&config_json)?;
     let step: usize = meta
         .get("step")

@@ -183,7 +183,12 @@ impl Dataset {
     }
 
     /// A built-in name or a folder, as `--data` takes it.
-    pub fn open(spec: &str, size: Option<usize>, channels: Option<usize>, fit: Fit) -> Result<Self> {
+    pub fn open(
+        spec: &str,
+        size: Option<usize>,
+        channels: Option<usize>,
+        fit: Fit,
+    ) -> Result<Self> {
         if BUILTIN_DATASETS.contains(&spec) && !Path::new(spec).is_dir() {
             let set = Dataset::builtin(spec, size, fit)?;
             if channels.is_some_and(|c| c != 1) {
@@ -230,7 +235,9 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
         // file_type does not follow symlinks, so a link loop cannot recurse forever.
-        let Ok(kind) = entry.file_type() else { continue };
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() {
             collect_images(&path, out, depth + 1)?;
         } else if is_image_name(&path) {
@@ -319,10 +326,15 @@ mod tests {
 
         let m = Dataset::builtin("mnist5k", Some(32), Fit::Pad).unwrap();
         assert_eq!((m.len, m.size), (5000, 32));
-        let counts = m.labels.as_ref().unwrap().iter().fold([0; 10], |mut c, &l| {
-            c[l as usize] += 1;
-            c
-        });
+        let counts = m
+            .labels
+            .as_ref()
+            .unwrap()
+            .iter()
+            .fold([0; 10], |mut c, &l| {
+                c[l as usize] += 1;
+                c
+            });
         assert_eq!(counts, [500; 10]);
         // the two-pixel border of padding is background
         let img = m.image(123);

@@ -210,9 +210,15 @@ mod tests {
         let mut p = vec![1.0f32, -2.0];
         let mut st = Moments::zeros(2);
         adamw_update(&cfg, 0.1, 1, &mut p, &[0.5, -1.0], 1.0, &mut st);
-        assert!((p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.899).abs() < 1e-6 && (p[1] + 1.898).abs() < 1e-6,
+            "{p:?}"
+        );
         adamw_update(&cfg, 0.1, 2, &mut p, &[0.25, 3.0], 1.0, &mut st);
-        assert!((p[0] - 0.804_756_2).abs() < 1e-6 && (p[1] + 1.945_431_8).abs() < 1e-6, "{p:?}");
+        assert!(
+            (p[0] - 0.804_756_2).abs() < 1e-6 && (p[1] + 1.945_431_8).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]

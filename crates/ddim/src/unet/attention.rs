@@ -2,7 +2,9 @@
 //! `_from_deprecated_attn_block=True`, run by `AttnProcessor2_0` (`models/attention_processor.py`).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{group_norm, linear, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use crate::ops::GroupNorm;
 
 use crate::Result;
 
@@ -35,7 +37,7 @@ impl Attention {
         let heads = channels / head_dim.max(1);
         let inner = heads * head_dim;
         let group_norm = match norm_groups {
-            Some(groups) => Some(group_norm(groups, channels, eps, vb.pp("group_norm"))?),
+            Some(groups) => Some(GroupNorm::new(groups, channels, eps, vb.pp("group_norm"))?),
             None => None,
         };
         Ok(Self {

@@ -133,7 +133,8 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2
+            .forward(&crate::ops::silu(&self.linear_1.forward(xs)?)?)
     }
 }
 

@@ -8,7 +8,9 @@ pub mod embeddings;
 pub mod resnet;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{embedding, group_norm, Conv2d, Embedding, GroupNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
+
+use crate::ops::{Conv2d, GroupNorm};
 
 pub use config::{
     Activation, ClassEmbedType, DownBlockType, MidBlockType, ResampleType, ResnetTimeScaleShift,
@@ -171,7 +173,7 @@ impl UNet2DModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::new(
                 cfg.norm_num_groups,
                 c0,
                 cfg.norm_eps,
@@ -242,7 +244,7 @@ impl UNet2DModel {
         // 5. out
         let h = self
             .conv_out
-            .forward(&self.conv_norm_out.forward(&h)?.silu()?)?;
+            .forward(&crate::ops::silu(&self.conv_norm_out.forward(&h)?)?)?;
         match self.config.time_embedding_type {
             // diffusers divides the output by the (Fourier, i.e. sigma) timestep
             TimeEmbeddingType::Fourier => {

@@ -2,7 +2,9 @@
 //! and `Upsample2D` (`models/upsampling.py`) as the UNet2D blocks use them.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use crate::ops::{Conv2d, GroupNorm};
 
 use super::config::{Activation, ResnetTimeScaleShift};
 use crate::Result;
@@ -11,7 +13,7 @@ impl Activation {
     /// Applies the activation elementwise.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Activation::Silu => xs.silu(),
+            Activation::Silu => crate::ops::silu(xs),
             Activation::Mish => candle_nn::ops::mish(xs),
             Activation::Gelu => xs.gelu_erf(),
             Activation::Relu => xs.relu(),
@@ -27,12 +29,7 @@ pub(crate) fn conv3x3(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(conv2d(cin, cout, 3, cfg, vb)?)
+    Ok(Conv2d::new(cin, cout, 3, stride, padding, vb)?)
 }
 
 /// `Downsample2D(channels, use_conv=True, padding=p, name="op")`: a stride-2 3x3 convolution
@@ -82,8 +79,7 @@ impl Upsample2D {
 
 /// Nearest-neighbour upsampling by 2 (`F.interpolate(x, scale_factor=2.0, mode="nearest")`).
 fn upsample_nearest_x2(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = xs.dims4()?;
-    xs.upsample_nearest2d(2 * h, 2 * w)
+    crate::ops::upsample_nearest_2x(xs)
 }
 
 impl Module for Upsample2D {
@@ -148,21 +144,15 @@ impl ResnetBlock2D {
             ResnetTimeScaleShift::ScaleShift => 2 * cout,
         };
         let conv_shortcut = if cin != cout {
-            Some(conv2d(
-                cin,
-                cout,
-                1,
-                Conv2dConfig::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(Conv2d::new(cin, cout, 1, 1, 0, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
-            norm1: group_norm(s.groups, cin, s.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(s.groups, cin, s.eps, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: linear(s.temb_channels, temb_out, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(s.groups, cout, s.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(s.groups, cout, s.eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
             resample,

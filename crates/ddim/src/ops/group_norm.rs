@@ -1,0 +1,368 @@
+//! GroupNorm on the CPU in two passes over the data, forward and backward.
+//!
+//! candle_nn's `GroupNorm` is a chain of ten tensor ops (mean, subtract, square, mean, add,
+//! sqrt, divide, multiply, add, and reshapes); each allocates a full-size tensor, and autograd
+//! adds as many again for the backward pass. Here the forward pass is one statistics pass plus
+//! one normalising pass per (image, group), and the backward pass recomputes the statistics and
+//! produces the input, scale and shift gradients together.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+impl Dims {
+    fn new(x: &[usize], groups: usize) -> Result<Self> {
+        if x.len() < 2 {
+            candle_core::bail!("group_norm: expected (b, c, ...) input, got {x:?}")
+        }
+        let (b, c) = (x[0], x[1]);
+        if groups == 0 || c % groups != 0 {
+            candle_core::bail!("group_norm: {c} channels cannot form {groups} groups")
+        }
+        Ok(Dims {
+            b,
+            c,
+            hw: x[2..].iter().product(),
+            groups,
+        })
+    }
+
+    /// Values per (image, group).
+    fn group_len(&self) -> usize {
+        self.c / self.groups * self.hw
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("group_norm: {what} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("group_norm: {what} must be contiguous"),
+    }
+}
+
+/// Mean and 1/sqrt(var + eps) of one group, accumulated in f64.
+fn stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| {
+            let d = f64::from(v) - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// `group_norm(x, gamma, beta)`: the forward op.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupNormOp {
+    /// Number of groups.
+    pub groups: usize,
+    /// ε added to the variance.
+    pub eps: f64,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "ddim-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(xl.dims(), self.groups)?;
+        let (x, gamma, beta) = (
+            slice(xs, xl, "input")?,
+            slice(gs, gl, "weight")?,
+            slice(bs, bl, "bias")?,
+        );
+        if gamma.len() != d.c || beta.len() != d.c {
+            candle_core::bail!("group_norm: weight and bias must have {} values", d.c)
+        }
+        let cpg = d.c / d.groups;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d.group_len())
+            .zip(x.par_chunks(d.group_len()))
+            .enumerate()
+            .for_each(|(bg, (yg, xg))| {
+                let (mean, rstd) = stats(xg, self.eps);
+                let c0 = (bg % d.groups) * cpg;
+                for (ci, (yc, xc)) in yg.chunks_mut(d.hw).zip(xg.chunks(d.hw)).enumerate() {
+                    let scale = rstd * gamma[c0 + ci];
+                    let shift = beta[c0 + ci] - mean * scale;
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v * scale + shift;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let c = x.dim(1)?;
+        let n = x.elem_count();
+        let all = x.apply_op3_no_bwd(gamma, &dy, &GroupNormBackward(*self))?;
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dgamma = all.narrow(0, n, c)?;
+        let dbeta = all.narrow(0, n + c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// `(x, gamma, dy) -> [dx, dgamma, dbeta]` flattened into one vector.
+#[derive(Clone, Copy, Debug)]
+struct GroupNormBackward(GroupNormOp);
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "ddim-group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        dys: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::new(xl.dims(), self.0.groups)?;
+        let (x, gamma, dy) = (
+            slice(xs, xl, "input")?,
+            slice(gs, gl, "weight")?,
+            slice(dys, dyl, "gradient")?,
+        );
+        if dy.len() != x.len() || gamma.len() != d.c {
+            candle_core::bail!("group_norm backward: shapes do not match")
+        }
+        let cpg = d.c / d.groups;
+        let mut dx = vec![0f32; x.len()];
+        // Per (image, group): the per-channel sums of dy and dy·x̂, for dgamma and dbeta.
+        let sums: Vec<Vec<(f64, f64)>> = dx
+            .par_chunks_mut(d.group_len())
+            .zip(
+                x.par_chunks(d.group_len())
+                    .zip(dy.par_chunks(d.group_len())),
+            )
+            .enumerate()
+            .map(|(bg, (dxg, (xg, dyg)))| {
+                let (mean, rstd) = stats(xg, self.0.eps);
+                let c0 = (bg % d.groups) * cpg;
+                let mut per_channel = Vec::with_capacity(cpg);
+                // mean over the group of g = dy·γ and of g·x̂
+                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                for (ci, (xc, dyc)) in xg.chunks(d.hw).zip(dyg.chunks(d.hw)).enumerate() {
+                    let gm = gamma[c0 + ci];
+                    let (mut s_dy, mut s_dyx) = (0f64, 0f64);
+                    for (&v, &g) in xc.iter().zip(dyc) {
+                        let xhat = f64::from((v - mean) * rstd);
+                        s_dy += f64::from(g);
+                        s_dyx += f64::from(g) * xhat;
+                    }
+                    sum_g += s_dy * f64::from(gm);
+                    sum_gx += s_dyx * f64::from(gm);
+                    per_channel.push((s_dy, s_dyx));
+                }
+                let n = xg.len().max(1) as f64;
+                let (mg, mgx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+                for (ci, ((dxc, xc), dyc)) in dxg
+                    .chunks_mut(d.hw)
+                    .zip(xg.chunks(d.hw))
+                    .zip(dyg.chunks(d.hw))
+                    .enumerate()
+                {
+                    let gm = gamma[c0 + ci];
+                    for ((o, &v), &g) in dxc.iter_mut().zip(xc).zip(dyc) {
+                        let xhat = (v - mean) * rstd;
+                        *o = rstd * (g * gm - mg - xhat * mgx);
+                    }
+                }
+                per_channel
+            })
+            .collect();
+        let mut out = dx;
+        let (mut dgamma, mut dbeta) = (vec![0f64; d.c], vec![0f64; d.c]);
+        for (bg, per_channel) in sums.iter().enumerate() {
+            let c0 = (bg % d.groups) * cpg;
+            for (ci, &(s_dy, s_dyx)) in per_channel.iter().enumerate() {
+                dbeta[c0 + ci] += s_dy;
+                dgamma[c0 + ci] += s_dyx;
+            }
+        }
+        let _ = d.b;
+        out.extend(dgamma.iter().map(|&v| v as f32));
+        out.extend(dbeta.iter().map(|&v| v as f32));
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// `GroupNorm(groups, c, eps)` applied to `x` `(b, c, ...)` with per-channel `gamma`, `beta`:
+/// the kernels above for f32 on the CPU, candle_nn's composition of tensor ops elsewhere.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && gamma.dtype() == x.dtype() {
+        x.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            GroupNormOp { groups, eps },
+        )
+    } else {
+        let c = x.dim(1)?;
+        let m = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, eps)?;
+        candle_core::Module::forward(&m, x)
+    }
+}
+
+/// A `nn.GroupNorm` (weights `weight`, `bias`) running [`group_norm`].
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Reads `weight` (ones) and `bias` (zeros) of `channels` values from `vb`.
+    pub fn new(
+        groups: usize,
+        channels: usize,
+        eps: f64,
+        vb: candle_nn::VarBuilder,
+    ) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {channels} channels cannot form {groups} groups")
+        }
+        Ok(GroupNorm {
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl candle_core::Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, &self.weight, &self.bias, self.groups, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(dims: &[usize], seed: u64, scale: f32, shift: f32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let mut v = vec![0f32; n];
+        crate::rng::ImageStream::new(seed, 0).fill_normal(&mut v);
+        let v = v.into_iter().map(|x| x * scale + shift).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward and all three gradients equal candle_nn's GroupNorm and its autograd.
+    #[test]
+    fn matches_candle_nn() {
+        for (seed, &(b, c, h, w, g)) in [
+            (2, 8, 5, 5, 4),
+            (3, 6, 4, 3, 3),
+            (1, 4, 7, 7, 1),
+            (2, 4, 2, 2, 4),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = seed as u64;
+            let x = Var::from_tensor(&randn(&[b, c, h, w], s, 3.0, 1.5)).unwrap();
+            let gamma = Var::from_tensor(&randn(&[c], s + 10, 1.0, 1.0)).unwrap();
+            let beta = Var::from_tensor(&randn(&[c], s + 20, 1.0, 0.0)).unwrap();
+            let ours = group_norm(&x, &gamma, &beta, g, 1e-5).unwrap();
+            let m = candle_nn::GroupNorm::new(
+                gamma.as_tensor().clone(),
+                beta.as_tensor().clone(),
+                c,
+                g,
+                1e-5,
+            )
+            .unwrap();
+            let theirs = candle_core::Module::forward(&m, x.as_tensor()).unwrap();
+            assert!(
+                max_diff(&ours, &theirs) < 1e-5,
+                "forward {}",
+                max_diff(&ours, &theirs)
+            );
+            let weights = randn(&[b, c, h, w], s + 30, 1.0, 0.0);
+            let g1 = (ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (theirs * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &gamma, &beta] {
+                let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+                assert!(d < 1e-4, "gradient of {:?}: {d}", v.dims());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_groups_are_errors() {
+        let x = randn(&[1, 6, 2, 2], 0, 1.0, 0.0);
+        let ones = Tensor::ones(6, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(group_norm(&x, &ones, &ones, 4, 1e-5).is_err());
+        assert!(group_norm(&x, &ones, &ones, 0, 1e-5).is_err());
+    }
+}
