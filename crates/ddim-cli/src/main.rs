@@ -1,5 +1,6 @@
 //! The `ddim` command line: parses arguments, calls the `ddim` library, reports errors.
-//! Exit codes: 0 success, 2 bad input or usage, 1 an internal error.
+//! Exit codes: 0 success, 2 bad input or usage, 1 an internal error, 130 interrupted by Ctrl-C
+//! (`sample` and `train`, which exit with it themselves after files are left complete).
 
 /// `println!` that ignores a closed stdout (`ddim inspect | head` must not panic).
 macro_rules! say {

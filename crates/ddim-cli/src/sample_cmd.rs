@@ -1,5 +1,6 @@
 //! `ddim sample`: DDIM or DDPM samples from a model folder, as PNG files, a grid and/or a tensor.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -25,9 +26,12 @@ pub enum SamplerArg {
 /// Where the noise comes from.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum RngArg {
-    /// Image i of a run depends only on (seed, i): the batch size and sharding change nothing.
+    /// The noise of image i depends only on (seed, i), not on the batch size or sharding, so a
+    /// run can resume and be sharded.
     Default,
     /// torch.Generator().manual_seed(seed) on the CPU: the same noise as diffusers' pipelines.
+    /// The noise of all n images is drawn at once, so a run cannot resume or be sharded: images
+    /// are numbered after the files already in the folder (sample_00000.png, ...).
     Torch,
 }
 
@@ -47,7 +51,8 @@ pub struct SampleArgs {
     /// Number of images [default: 1, or the first dimension of --noise].
     #[arg(short = 'n', long = "num-images")]
     pub num_images: Option<usize>,
-    /// Images per model call [default: min(n, 16); with --rng torch, all n].
+    /// Images per model call [default: min(n, 16); with --rng torch, all n]. Resume or shard a
+    /// run with the same -n and batch size for files byte-identical to one uninterrupted run.
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// The seed.
@@ -57,9 +62,13 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value = "default")]
     pub rng: RngArg,
     /// x_T as an NCHW float32 .npy in model space; its first dimension sets the number of images.
+    /// Images are numbered after the files already in the folder (sample_00000.png, ...).
     #[arg(long, value_name = "FILE.npy")]
     pub noise: Option<PathBuf>,
-    /// A folder for numbered PNGs (sample_00000.png, ...), or one FILE.png for a single image.
+    /// A folder, or one FILE.png for a single image. In a folder, image i of seed S is
+    /// sample_s{S}_{i:06}.png and a rerun of the same command skips the images that exist, so
+    /// an interrupted run resumes (with --rng torch or --noise: sample_00000.png, ... numbered
+    /// after the files already there).
     #[arg(
         long,
         short = 'o',
@@ -82,9 +91,106 @@ pub struct SampleArgs {
     /// Enlarge written images k times (nearest neighbour), for viewing small models' output.
     #[arg(long, default_value_t = 1)]
     pub upscale: u32,
-    /// Overwrite existing files instead of numbering after them.
+    /// Sample every image again, replacing files that exist (by default a folder's existing
+    /// images are skipped, or numbered after with --rng torch/--noise); also replace an
+    /// existing FILE.png, --grid or --save-tensor file.
     #[arg(long)]
     pub overwrite: bool,
+    /// Sample only shard K of N (0 <= K < N): images K*n/N .. (K+1)*n/N - 1, for job arrays
+    /// writing into one folder; the shards' files together are the one-process run's, image
+    /// for image. Needs the default --rng, no --noise and a folder --output; --grid and
+    /// --save-tensor need N = 1.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+}
+
+/// `--shard K/N`: shard K (from 0) of N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// K, from 0.
+    pub index: usize,
+    /// N, at least 1.
+    pub count: usize,
+}
+
+impl Shard {
+    /// The images of a run of `n` that this shard samples: `K·n/N .. (K+1)·n/N` in integer
+    /// arithmetic, so shards 0..N cover 0..n exactly once, their sizes differing by at most one.
+    fn range(self, n: usize) -> Range<usize> {
+        let at = |k: usize| (k as u128 * n as u128 / self.count as u128) as usize;
+        at(self.index)..at(self.index + 1)
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// Parses `--shard K/N`; the error says what is allowed (clap adds the value and exits with 2).
+fn parse_shard(s: &str) -> std::result::Result<Shard, String> {
+    const ALLOWED: &str = "expected K/N with whole numbers 0 <= K < N, shards numbered from 0 \
+                           (e.g. 0/8 .. 7/8; in a Slurm job array: ${SLURM_ARRAY_TASK_ID}/8)";
+    let Some((k, n)) = s.split_once('/') else {
+        return Err(format!("no `/` in `{s}`: {ALLOWED}"));
+    };
+    let number = |part: &str, what: &str| {
+        part.parse::<usize>()
+            .map_err(|_| format!("{what} = `{part}` is not a whole number: {ALLOWED}"))
+    };
+    let (index, count) = (number(k, "K")?, number(n, "N")?);
+    if count == 0 {
+        return Err(format!(
+            "N = 0: there must be at least one shard; {ALLOWED}"
+        ));
+    }
+    if index >= count {
+        return Err(format!(
+            "K = {index} is not below N = {count}: the shards of {count} are 0/{count} .. {}/{count}",
+            count - 1
+        ));
+    }
+    Ok(Shard { index, count })
+}
+
+/// Where image i of the run goes.
+enum Output {
+    /// `-o FILE.png`: the one image.
+    File(PathBuf),
+    /// `--rng torch` or `--noise`: `sample_{first + i:05}.png`, numbered after existing files.
+    Numbered { dir: PathBuf, first: usize },
+    /// The default: `sample_s{seed}_{i:06}.png`, which names the image, so a rerun skips it.
+    Seeded { dir: PathBuf, seed: u64 },
+}
+
+impl Output {
+    fn path(&self, i: usize) -> PathBuf {
+        match self {
+            Output::File(path) => path.clone(),
+            Output::Numbered { dir, first } => {
+                image_io::numbered_path(dir, "sample", first + i, "png")
+            }
+            Output::Seeded { dir, seed } => image_io::seeded_path(dir, "sample", *seed, i, "png"),
+        }
+    }
+}
+
+/// Whether `path` holds a finished image of an earlier run. Files are written atomically, so
+/// one that exists is complete; an empty one (a filesystem that lost data in a crash, a `touch`)
+/// is not an image and is sampled again.
+fn is_complete(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() > 0)
+}
+
+/// The index of `sample_s{seed}_{digits}.png` when it is an image of `range`.
+fn seeded_index(name: &str, seed: u64, range: &Range<usize>) -> Option<usize> {
+    let digits = name
+        .strip_prefix(&format!("sample_s{seed}_"))?
+        .strip_suffix(".png")?;
+    let i: usize = digits.parse().ok()?;
+    let canonical = image_io::seeded_path(Path::new(""), "sample", seed, i, "png");
+    (range.contains(&i) && canonical.as_os_str() == name).then_some(i)
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
@@ -119,6 +225,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .output
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if let Some(shard) = args.shard {
+        check_shard(&args, shard, single_file)?;
+    }
 
     let model = common::load_model(&args.model, spacing)?;
     let shape1 = pipeline::noise_shape(&model.unet.model, 1)?;
@@ -180,40 +289,138 @@ pub fn run(args: SampleArgs) -> Result<()> {
             .map(|c| Tensor::new(&[c], &model.device))
             .transpose()?,
     };
-    // Where images go: numbered after existing files unless --overwrite.
-    let out_dir = if single_file {
-        None
-    } else {
-        Some(args.output.clone())
-    };
-    let first_index = match &out_dir {
-        Some(dir) if !args.overwrite => image_io::next_free_index(dir, "sample", "png")?,
-        _ => 0,
-    };
-    if single_file {
-        common::refuse_existing(&args.output, args.overwrite)?;
+
+    // The images this process samples: all n, or its shard's share.
+    let range = args.shard.map_or(0..n, |s| s.range(n));
+    if let Some(shard) = args.shard {
+        if range.is_empty() {
+            eprintln!(
+                "shard {shard}: no images to sample (-n {n} is fewer than the {} shards)",
+                shard.count
+            );
+            return Ok(());
+        }
+        eprintln!(
+            "shard {shard}: images {} .. {} of the run's {n}",
+            range.start,
+            range.end - 1
+        );
     }
+    let out = if single_file {
+        common::refuse_existing(&args.output, args.overwrite)?;
+        Output::File(args.output.clone())
+    } else if args.rng == RngArg::Torch || noise.is_some() {
+        // The name of a --noise image would not say which noise it came from, and torch noise is
+        // drawn for the whole batch: neither can resume per image, so they number after what is
+        // there.
+        let first = if args.overwrite {
+            image_io::ensure_writable_dir(&args.output)?;
+            0
+        } else {
+            image_io::next_free_index(&args.output, "sample", "png")?
+        };
+        Output::Numbered {
+            dir: args.output.clone(),
+            first,
+        }
+    } else {
+        image_io::ensure_writable_dir(&args.output)?;
+        Output::Seeded {
+            dir: args.output.clone(),
+            seed: args.seed,
+        }
+    };
     for path in [&args.grid, &args.save_tensor].into_iter().flatten() {
         common::refuse_existing(path, args.overwrite)?;
     }
+    let resume = matches!(out, Output::Seeded { .. }) && !args.overwrite;
+    if let Output::Seeded { dir, seed } = &out {
+        remove_leftover_temp_files(dir, *seed, &range)?;
+    }
+    // Resume: the images that an earlier run of this command finished are skipped.
+    let existing = if resume {
+        range.clone().filter(|&i| is_complete(&out.path(i))).count()
+    } else {
+        0
+    };
+    if existing > 0 {
+        if let Some(path) = &args.save_tensor {
+            return Err(UsageError(format!(
+                "--save-tensor {}: needs the model-space values of all {} images, but {existing} \
+                 of them exist in {} already and would be skipped; pass --overwrite to sample \
+                 them all again, or leave out --save-tensor",
+                path.display(),
+                range.len(),
+                args.output.display()
+            ))
+            .into());
+        }
+        if existing == range.len() {
+            eprintln!(
+                "all {existing} images exist in {} already: nothing to sample (--overwrite \
+                 samples them again)",
+                args.output.display()
+            );
+        } else {
+            eprintln!(
+                "{existing} of the {} images exist in {} already: skipping them, sampling the \
+                 other {} (--overwrite samples all again)",
+                range.len(),
+                args.output.display(),
+                range.len() - existing
+            );
+        }
+    }
+    let must_write = |i: usize| !resume || !is_complete(&out.path(i));
 
-    let batches = n.div_ceil(batch);
-    let bar = common::progress((batches * steps) as u64, args.model.quiet, "sampling");
+    // Exactly n images, in batches aligned to multiples of the batch size: batch k holds images
+    // k·B .. min((k+1)·B, n), the last one smaller when B does not divide n. (The official DDIM
+    // code samples floor(50000 / B) full batches for FID: 49,984 of 50,000 images at B = 64.)
+    // A shard or a resumed run samples the same batches as one uninterrupted run, whole, and
+    // writes only the images it owns that are missing. The noise of an image depends only on
+    // (seed, i), but the UNet's float sums can depend on the batch's shape (matrix-product
+    // blocking), so keeping the batches is what makes every file byte-identical to the
+    // uninterrupted run's; it costs at most one batch per shard boundary or resumed batch.
+    let owned =
+        |b: usize| (b * batch).max(range.start)..(b + 1).saturating_mul(batch).min(range.end);
+    let planned: Vec<usize> = (range.start / batch..range.end.div_ceil(batch))
+        .filter(|&b| args.save_tensor.is_some() || owned(b).any(&must_write))
+        .collect();
+
+    let hint = match (&out, args.overwrite) {
+        (Output::Seeded { .. }, false) => "; run the same command again to sample the rest",
+        (Output::Seeded { .. }, true) => "; run it again without --overwrite to sample the rest",
+        _ => "",
+    };
+    // Every file is written atomically, so stopping at any moment loses only unfinished work.
+    let _ = ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: the image files written so far are complete{hint}");
+        std::process::exit(130);
+    });
+
+    let bar = common::progress((planned.len() * steps) as u64, args.model.quiet, "sampling");
     let started = Instant::now();
-    let keep_all = args.grid.is_some() || args.save_tensor.is_some();
-    let mut all = Vec::new();
+    let mut tensors = Vec::new();
     let mut torch_gen = (args.rng == RngArg::Torch).then(|| Generator::torch(args.seed));
     let mut written = Vec::new();
-    for bi in 0..batches {
-        let start = bi * batch;
-        let b = batch.min(n - start);
+    let mut sampled = 0;
+    for b in planned {
+        let own = owned(b);
+        // Checked again now: another process (a duplicate shard) may have written some.
+        let todo: Vec<usize> = own.clone().filter(|&i| must_write(i)).collect();
+        if todo.is_empty() && args.save_tensor.is_none() {
+            bar.inc(steps as u64);
+            continue;
+        }
+        let start = b * batch;
+        let len = batch.min(n - start);
         let mut generator = match torch_gen.take() {
             Some(g) => g,
-            None => Generator::per_image(args.seed, start as u64, b),
+            None => Generator::per_image(args.seed, start as u64, len),
         };
-        let shape = pipeline::noise_shape(&model.unet.model, b)?;
+        let shape = pipeline::noise_shape(&model.unet.model, len)?;
         let x_t = match &noise {
-            Some(t) => t.narrow(0, start, b)?,
+            Some(t) => t.narrow(0, start, len)?,
             None => generator.randn(&shape, &model.device)?,
         };
         let x0 = pipeline::sample(
@@ -227,43 +434,103 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 Ok(())
             },
         )
-        .with_context(|| format!("sampling images {start}..{}", start + b))?;
+        .with_context(|| format!("sampling images {start}..{}", start + len))?;
+        sampled += len;
         let x0 = x0.to_dtype(DType::F32)?;
-        for (i, img) in image_io::to_images(&x0)?.into_iter().enumerate() {
-            let img = image_io::upscale_nearest(&img, args.upscale)?;
-            let path = match &out_dir {
-                Some(dir) => image_io::numbered_path(dir, "sample", first_index + start + i, "png"),
-                None => args.output.clone(),
-            };
+        let images = image_io::to_images(&x0)?;
+        for i in todo {
+            let img = image_io::upscale_nearest(&images[i - start], args.upscale)?;
+            let path = out.path(i);
             image_io::save_png(&img, &path)?;
             written.push(path);
         }
-        if keep_all {
-            all.push(x0.to_device(&candle_core::Device::Cpu)?);
+        if args.save_tensor.is_some() {
+            let rows = x0.narrow(0, own.start - start, own.len())?;
+            tensors.push(rows.to_device(&candle_core::Device::Cpu)?);
         }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    if keep_all {
-        let all = Tensor::cat(&all, 0)?;
-        if let Some(path) = &args.save_tensor {
-            ddim::npy::write_npy_tensor(path, &all)?;
-            eprintln!("wrote {} ({:?}, model space)", path.display(), all.dims());
-        }
-        if let Some(path) = &args.grid {
-            let images: Vec<_> = image_io::to_images(&all)?
-                .iter()
-                .map(|img| image_io::upscale_nearest(img, args.upscale))
-                .collect::<ddim::Result<_>>()?;
-            image_io::save_png(&image_io::make_grid(&images, None, 2)?, path)?;
-            eprintln!("wrote {}", path.display());
-        }
+    if let Some(path) = &args.save_tensor {
+        let all = Tensor::cat(&tensors, 0)?;
+        ddim::npy::write_npy_tensor(path, &all)?;
+        eprintln!("wrote {} ({:?}, model space)", path.display(), all.dims());
     }
-    report(&written, n, steps, seconds);
+    if let Some(path) = &args.grid {
+        // From the files, so that images skipped on a resume are in it too.
+        let images: Vec<_> = range
+            .clone()
+            .map(|i| image_io::open_image(&out.path(i)))
+            .collect::<ddim::Result<_>>()?;
+        image_io::save_png(&image_io::make_grid(&images, None, 2)?, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    report(&written, sampled, steps, seconds);
     Ok(())
 }
 
-fn report(written: &[PathBuf], n: usize, steps: usize, seconds: f64) {
+/// Refuses `--shard` where a shard cannot be a share of one run.
+fn check_shard(args: &SampleArgs, shard: Shard, single_file: bool) -> Result<()> {
+    let why = if args.rng == RngArg::Torch {
+        Some(
+            "--rng torch draws the noise of all n images at once, so a shard cannot draw its own \
+             share; use the default --rng, whose image i depends only on (seed, i)"
+                .to_string(),
+        )
+    } else if let Some(noise) = &args.noise {
+        Some(format!(
+            "--noise {} gives x_T, and its images are numbered after the files already in the \
+             folder, which shards cannot share; split the .npy file and run one command per part",
+            noise.display()
+        ))
+    } else if single_file {
+        Some(format!(
+            "--output {} names one file; shards write into one folder",
+            args.output.display()
+        ))
+    } else if shard.count > 1 {
+        [("--grid", &args.grid), ("--save-tensor", &args.save_tensor)]
+            .into_iter()
+            .find_map(|(flag, path)| {
+                path.as_ref().map(|p| {
+                    format!(
+                        "{flag} {} needs the images of all shards; make it after they have all \
+                         finished (e.g. with a run without --shard, which skips the images that \
+                         exist), or leave it out",
+                        p.display()
+                    )
+                })
+            })
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(UsageError(format!("--shard {shard}: {why}")).into()),
+        None => Ok(()),
+    }
+}
+
+/// Removes the temporary files that a killed run left behind for this run's images (hidden
+/// `.sample_s{seed}_{i}.png.*.tmp` files; never a finished image, never another shard's).
+fn remove_leftover_temp_files(dir: &Path, seed: u64, range: &Range<usize>) -> Result<()> {
+    for (target, temp) in image_io::leftover_temp_files(dir)? {
+        if seeded_index(&target, seed, range).is_some() {
+            match std::fs::remove_file(&temp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    eprintln!(
+                        "warning: cannot remove the unfinished {}: {e}",
+                        temp.display()
+                    )
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(written: &[PathBuf], sampled: usize, steps: usize, seconds: f64) {
     match written {
         [] => {}
         [one] => eprintln!("wrote {}", one.display()),
@@ -274,14 +541,64 @@ fn report(written: &[PathBuf], n: usize, steps: usize, seconds: f64) {
             file_name(last)
         ),
     }
-    eprintln!(
-        "{n} images x {steps} steps in {seconds:.2} s ({:.2} image-steps/s)",
-        (n * steps) as f64 / seconds.max(1e-9)
-    );
+    if sampled > 0 {
+        eprintln!(
+            "{sampled} images x {steps} steps in {seconds:.2} s ({:.2} image-steps/s)",
+            (sampled * steps) as f64 / seconds.max(1e-9)
+        );
+    }
 }
 
 fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_run_exactly_once() {
+        for n in [1, 2, 3, 10, 40, 50_000] {
+            for count in 1..=9 {
+                let mut next = 0;
+                for index in 0..count {
+                    let r = Shard { index, count }.range(n);
+                    assert_eq!(r.start, next, "n {n}, shard {index}/{count}");
+                    assert!(r.len() <= n / count + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+        let huge = Shard { index: 3, count: 4 };
+        assert_eq!(huge.range(usize::MAX).end, usize::MAX);
+    }
+
+    #[test]
+    fn shard_values_parse_or_say_what_is_allowed() {
+        assert_eq!(parse_shard("2/8"), Ok(Shard { index: 2, count: 8 }));
+        assert_eq!(parse_shard("0/1"), Ok(Shard { index: 0, count: 1 }));
+        for bad in [
+            "3/3", "a/b", "1/0", "0/0", "1", "", "-1/2", "1/-2", "1/2/3", " 1/2",
+        ] {
+            let e = parse_shard(bad).unwrap_err();
+            assert!(
+                e.contains("0 <= K < N") || e.contains("0/3 .. 2/3"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn seeded_names_parse_back_only_in_range() {
+        let r = 10..20;
+        assert_eq!(seeded_index("sample_s3_000012.png", 3, &r), Some(12));
+        assert_eq!(seeded_index("sample_s3_000012.png", 4, &r), None);
+        assert_eq!(seeded_index("sample_s3_000022.png", 3, &r), None);
+        assert_eq!(seeded_index("sample_s3_12.png", 3, &r), None);
+        assert_eq!(seeded_index("sample_s3_000012.jpg", 3, &r), None);
+    }
 }

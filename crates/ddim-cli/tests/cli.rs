@@ -78,6 +78,16 @@ fn tmp(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// The sorted names of everything in `dir`, hidden files included.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -244,15 +254,11 @@ fn sample_numbers_after_existing_files_and_respects_noise_files() {
         let r = ddim(&args);
         assert!(r.status.success(), "{}", stderr(&r));
     };
-    run(&["-n", "2"]);
-    run(&["-n", "1"]);
-    let mut names: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    // --rng torch cannot resume per image: it numbers after the files already there.
+    run(&["-n", "2", "--rng", "torch"]);
+    run(&["-n", "1", "--rng", "torch"]);
     assert_eq!(
-        names,
+        names(&out),
         ["sample_00000.png", "sample_00001.png", "sample_00002.png"]
     );
 
@@ -541,7 +547,7 @@ fn hub_ids_resolve_from_a_local_cache_offline() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", stderr(&r));
-    assert!(out.join("sample_00000.png").exists());
+    assert!(out.join("sample_s0_000000.png").exists());
 }
 
 #[test]
@@ -576,4 +582,258 @@ fn schedule_converts_and_writes_scheduler_configs() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+// --- long runs: seed-indexed names, resume, exact counts, shards ---
+
+/// `ddim sample` on the tiny model with `args`, as a command not yet run.
+fn sample_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddim"));
+    c.args(["sample", "--model", tiny_model(), "-q"]).args(args);
+    c
+}
+
+/// `sample_s{seed}_{i:06}.png` for i in `range`.
+fn seeded_names(seed: u64, range: std::ops::Range<usize>) -> Vec<String> {
+    range
+        .map(|i| format!("sample_s{seed}_{i:06}.png"))
+        .collect()
+}
+
+/// Asserts that `a` and `b` hold the same files, byte for byte.
+fn assert_same_files(a: &std::path::Path, b: &std::path::Path) {
+    assert_eq!(names(a), names(b));
+    for name in names(a) {
+        assert!(
+            std::fs::read(a.join(&name)).unwrap() == std::fs::read(b.join(&name)).unwrap(),
+            "{name} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn count_pngs(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".png"))
+            })
+            .count()
+    })
+}
+
+#[test]
+fn sample_resumes_after_a_kill_with_the_same_files() {
+    let dir = tmp("resume");
+    let (reference, run) = (dir.join("reference"), dir.join("run"));
+    let cmd = |out: &std::path::Path| {
+        let mut c = sample_cmd(&["-n", "40", "--batch-size", "4", "--steps", "20", "-o"]);
+        c.arg(out);
+        c
+    };
+    let r = cmd(&reference).output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(names(&reference), seeded_names(0, 0..40));
+
+    // Kill a run once it has written some images (SIGKILL: no cleanup runs). Whether the kill
+    // lands mid-run is a matter of timing; the checks below hold either way.
+    let mut child = cmd(&run)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while count_pngs(&run) == 0
+        && child.try_wait().unwrap().is_none()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = count_pngs(&run);
+    eprintln!("killed with {done} of 40 images written");
+
+    let r = cmd(&run).output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    if done > 0 && done < 40 {
+        let e = stderr(&r);
+        assert!(e.contains(&format!("{done} of the 40 images exist")), "{e}");
+    }
+    // Exactly the 40 images, no temporary file left, each identical to the uninterrupted run's.
+    assert_same_files(&run, &reference);
+
+    // --overwrite samples everything again, to the same bytes.
+    let r = cmd(&run).arg("--overwrite").output().unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(!stderr(&r).contains("exist"), "{}", stderr(&r));
+    assert_same_files(&run, &reference);
+}
+
+#[test]
+fn sample_writes_exactly_n_seed_indexed_images() {
+    let dir = tmp("exact");
+    let out = dir.join("o");
+    let o = out.to_str().unwrap();
+    // 7 images in batches of 3: 3 + 3 + 1.
+    let r = sample_cmd(&["-n", "7", "--batch-size", "3", "--steps", "3", "-o", o])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(names(&out), seeded_names(0, 0..7));
+    // Another seed adds its own names; the same command again has nothing to do.
+    let r = sample_cmd(&["-n", "2", "--seed", "12", "--steps", "3", "-o", o])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = sample_cmd(&["-n", "7", "--batch-size", "3", "--steps", "3", "-o", o])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(stderr(&r).contains("all 7 images exist"), "{}", stderr(&r));
+    let mut expected = seeded_names(0, 0..7);
+    expected.extend(seeded_names(12, 0..2));
+    assert_eq!(names(&out), expected);
+}
+
+#[test]
+fn sample_shards_together_give_the_single_run() {
+    let dir = tmp("shards");
+    let (single, sharded) = (dir.join("single"), dir.join("sharded"));
+    // n = 20 is not a multiple of 3 shards nor of the batch of 16; eta > 0 draws noise every
+    // step. The UNet's float sums depend on the batch's shape, and over 20 steps of this random
+    // model that changes most PNGs: a shard must sample the single run's batches, not its own.
+    let common = [
+        "-n",
+        "20",
+        "--batch-size",
+        "16",
+        "--steps",
+        "20",
+        "--eta",
+        "0.5",
+    ];
+    let r = sample_cmd(&common)
+        .args(["-o", single.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    // The three shards at once into one folder, as a job array would run them.
+    let children: Vec<_> = (0..3)
+        .map(|k| {
+            sample_cmd(&common)
+                .args([
+                    "-o",
+                    sharded.to_str().unwrap(),
+                    "--shard",
+                    &format!("{k}/3"),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ranges = [
+        "images 0 .. 5 of",
+        "images 6 .. 12 of",
+        "images 13 .. 19 of",
+    ];
+    for (child, range) in children.into_iter().zip(ranges) {
+        let r = child.wait_with_output().unwrap();
+        assert!(r.status.success(), "{}", stderr(&r));
+        assert!(stderr(&r).contains(range), "{}", stderr(&r));
+    }
+    assert_eq!(names(&sharded), seeded_names(0, 0..20));
+    assert_same_files(&sharded, &single);
+}
+
+#[test]
+fn sample_rejects_bad_shards_with_exit_code_2() {
+    let dir = tmp("bad-shards");
+    let o = dir.join("o");
+    let o = o.to_str().unwrap();
+    for bad in ["3/3", "a/b", "1/0", "0/0", "2", "-1/2", "1/2/3"] {
+        let r = sample_cmd(&["-o", o, &format!("--shard={bad}")])
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(2), "{bad}: {}", stderr(&r));
+        let e = stderr(&r);
+        assert!(e.contains(&format!("'{bad}'")), "{bad}: {e}");
+        assert!(
+            e.contains("0 <= K < N") || e.contains("0/3 .. 2/3"),
+            "{bad}: {e}"
+        );
+        assert!(!e.contains("panicked"), "{e}");
+    }
+    let grid = dir.join("g.png");
+    let x = dir.join("x.npy");
+    let png = dir.join("x.png");
+    for (extra, needle) in [
+        (vec!["--rng", "torch"], "--rng torch"),
+        (vec!["--noise", x.to_str().unwrap()], "--noise"),
+        (vec!["--grid", grid.to_str().unwrap()], "--grid"),
+        (vec!["--save-tensor", x.to_str().unwrap()], "--save-tensor"),
+    ] {
+        let r = sample_cmd(&["-n", "4", "-o", o, "--shard", "1/2"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(2), "{extra:?}: {}", stderr(&r));
+        let e = stderr(&r);
+        assert!(e.contains("--shard 1/2") && e.contains(needle), "{e}");
+    }
+    let r = sample_cmd(&["-o", png.to_str().unwrap(), "--shard", "0/2"])
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("names one file"), "{}", stderr(&r));
+    // --save-tensor needs every image's values: not on a resume that would skip some.
+    let r = sample_cmd(&["-n", "2", "--steps", "2", "-o", o])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = sample_cmd(&["-n", "3", "--steps", "2", "-o", o, "--save-tensor"])
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("2 of them exist"), "{}", stderr(&r));
+    // Nothing was written by the refused runs.
+    assert_eq!(names(&dir.join("o")), seeded_names(0, 0..2));
+}
+
+#[cfg(unix)]
+#[test]
+fn sample_exits_with_130_on_ctrl_c() {
+    let dir = tmp("ctrl-c");
+    let out = dir.join("o");
+    let mut child = sample_cmd(&["-n", "400", "--batch-size", "4", "--steps", "20", "-o"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while count_pngs(&out) == 0
+        && child.try_wait().unwrap().is_none()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let r = child.wait_with_output().unwrap();
+    if r.status.code() != Some(0) {
+        // (0 only if the run finished before the signal came.)
+        assert_eq!(r.status.code(), Some(130), "{}", stderr(&r));
+        assert!(
+            stderr(&r).contains("run the same command again"),
+            "{}",
+            stderr(&r)
+        );
+    }
 }

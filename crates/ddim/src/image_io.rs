@@ -1,6 +1,7 @@
 //! Tensors in model space (NCHW f32 in [-1, 1]) to and from images, following diffusers'
 //! `VaeImageProcessor` (`pt_to_numpy`, `numpy_to_pil`, `pil_to_numpy`, `normalize`); image
-//! grids, nearest-neighbour upscaling, PNG and animated GIF writing, and output file numbering.
+//! grids, nearest-neighbour upscaling, PNG and animated GIF writing, and output file names
+//! (numbered, or seed-indexed for resumable runs).
 //!
 //! Every file is written atomically (temporary file in the same directory, fsync, rename), so a
 //! failed write never destroys an existing file.
@@ -214,7 +215,24 @@ fn to_gray_like_pil(img: &DynamicImage) -> GrayImage {
 /// # Ok::<(), ddim::Error>(())
 /// ```
 pub fn load_image(path: &Path, channels: usize, size: Option<(u32, u32)>) -> Result<Tensor> {
-    let img = image::ImageReader::open(path)
+    from_image(&open_image(path)?, channels, size)
+}
+
+/// Decodes an image file (PNG, JPEG or GIF; the format is read from the content) as it is
+/// stored, with no conversion. Errors name the file.
+///
+/// ```
+/// use ddim::image_io::{open_image, save_png};
+/// use image::{DynamicImage, GrayImage};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("in.png");
+/// save_png(&DynamicImage::ImageLuma8(GrayImage::new(4, 3)), &path)?;
+/// assert_eq!(open_image(&path)?.height(), 3);
+/// # Ok::<(), ddim::Error>(())
+/// ```
+pub fn open_image(path: &Path) -> Result<DynamicImage> {
+    image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?
@@ -224,8 +242,7 @@ pub fn load_image(path: &Path, channels: usize, size: Option<(u32, u32)>) -> Res
                 path,
                 format!("cannot decode the image ({e}); PNG, JPEG and GIF are supported"),
             )
-        })?;
-    from_image(&img, channels, size)
+        })
 }
 
 /// Scales an image up by an integer factor `k` (≥ 1) with nearest-neighbour sampling: each pixel
@@ -489,6 +506,69 @@ pub fn numbered_path(dir: &Path, prefix: &str, index: usize, ext: &str) -> PathB
     dir.join(format!("{prefix}_{index:05}.{ext}"))
 }
 
+/// The path `dir/{prefix}_s{seed}_{index:06}.{ext}`, e.g. `sample_s7_000042.png`: the name of
+/// image `index` of a run seeded `seed`, which with the per-image generator identifies the image
+/// (its noise depends only on (seed, index)). Indices of 1000000 and up get more digits. `ext`
+/// may be given with or without its leading dot.
+///
+/// ```
+/// use std::path::Path;
+/// use ddim::image_io::seeded_path;
+///
+/// assert_eq!(seeded_path(Path::new("out"), "sample", 7, 42, "png"), Path::new("out/sample_s7_000042.png"));
+/// assert_eq!(seeded_path(Path::new("out"), "sample", 0, 1234567, ".png"), Path::new("out/sample_s0_1234567.png"));
+/// ```
+pub fn seeded_path(dir: &Path, prefix: &str, seed: u64, index: usize, ext: &str) -> PathBuf {
+    let ext = ext.strip_prefix('.').unwrap_or(ext);
+    dir.join(format!("{prefix}_s{seed}_{index:06}.{ext}"))
+}
+
+/// Creates `dir` if it is missing and checks that a file can be created in it, so that an
+/// unusable output folder is reported (naming it) before any sampling work is done.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// ddim::image_io::ensure_writable_dir(&dir.path().join("a/b"))?;
+/// assert!(dir.path().join("a/b").is_dir());
+/// # Ok::<(), ddim::Error>(())
+/// ```
+pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    tempfile::tempfile_in(dir).map_err(|e| {
+        Error::io(
+            dir,
+            std::io::Error::new(e.kind(), format!("output directory is not writable: {e}")),
+        )
+    })?;
+    Ok(())
+}
+
+/// The temporary files that interrupted writes of this module (a process killed while it wrote,
+/// see [`save_png`]) left in `dir`, each with the name of the file it was for. They are hidden
+/// and do not end in the target's extension; a caller that owns those targets may delete them.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join(".sample_s0_000003.png.Ab12cD.tmp"), b"half a PN").unwrap();
+/// std::fs::write(dir.path().join("notes.txt"), b"").unwrap();
+/// let left = ddim::image_io::leftover_temp_files(dir.path())?;
+/// assert_eq!(left.len(), 1);
+/// assert_eq!(left[0].0, "sample_s0_000003.png");
+/// # Ok::<(), ddim::Error>(())
+/// ```
+pub fn leftover_temp_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        if let Some(target) = name.to_str().and_then(crate::npy::atomic_write_target) {
+            found.push((target.to_string(), entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// The first index that [`numbered_path`] can use in `dir` without overwriting anything: one
 /// more than the largest index of an existing `{prefix}_{digits}.{ext}` file (gaps are not
 /// reused, so the numbering always grows), or 0 if there is none. Other files are ignored; the
@@ -507,14 +587,7 @@ pub fn numbered_path(dir: &Path, prefix: &str, index: usize, ext: &str) -> PathB
 /// ```
 pub fn next_free_index(dir: &Path, prefix: &str, ext: &str) -> Result<usize> {
     let ext = ext.strip_prefix('.').unwrap_or(ext);
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    // Probe writability now, so the error names the directory before any sampling work is done.
-    tempfile::tempfile_in(dir).map_err(|e| {
-        Error::io(
-            dir,
-            std::io::Error::new(e.kind(), format!("output directory is not writable: {e}")),
-        )
-    })?;
+    ensure_writable_dir(dir)?;
     let mut next = 0usize;
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;

@@ -189,6 +189,32 @@ pub fn write_npy_tensor(path: &Path, tensor: &Tensor) -> Result<()> {
     write_npy(path, tensor.dims(), &data)
 }
 
+/// The end of the name of [`write_atomically`]'s temporary files.
+const TEMP_SUFFIX: &str = ".tmp";
+/// The number of random characters in the name of [`write_atomically`]'s temporary files.
+const TEMP_RAND_CHARS: usize = 6;
+
+/// The start of the name of the temporary file through which [`write_atomically`] writes the
+/// file `name`: `.{name}.`, then [`TEMP_RAND_CHARS`] random letters and digits and
+/// [`TEMP_SUFFIX`], e.g. `.sample_s0_000012.png.a1B2c3.tmp` (hidden, and not a `.png`).
+fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    prefix
+}
+
+/// The name of the file that a temporary file named `temp_name` of [`write_atomically`] was
+/// for, or `None` when `temp_name` is not such a name. A process killed during a write (SIGKILL,
+/// power loss) leaves its temporary file behind; this is how it is recognised.
+pub(crate) fn atomic_write_target(temp_name: &str) -> Option<&str> {
+    let rest = temp_name.strip_prefix('.')?.strip_suffix(TEMP_SUFFIX)?;
+    let (target, random) = rest.rsplit_once('.')?;
+    let random_ok =
+        random.len() == TEMP_RAND_CHARS && random.bytes().all(|b| b.is_ascii_alphanumeric());
+    (random_ok && !target.is_empty()).then_some(target)
+}
+
 /// Writes a file atomically: `write` fills a temporary file in `path`'s directory, which is
 /// flushed, fsynced and renamed over `path`. On any error the temporary file is removed and an
 /// existing file at `path` is left as it was. A missing parent directory is created.
@@ -204,11 +230,12 @@ pub(crate) fn write_atomically(
         .file_name()
         .ok_or_else(|| Error::argument("path", path.display(), "a path that names a file"))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".");
+    let prefix = temp_prefix(name);
     let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".tmp");
+    builder
+        .prefix(&prefix)
+        .suffix(TEMP_SUFFIX)
+        .rand_bytes(TEMP_RAND_CHARS);
     // tempfile creates files readable by the owner only; ask for what `File::create` gives
     // (0o666 less the umask) so the renamed file has ordinary permissions.
     #[cfg(unix)]
@@ -760,6 +787,29 @@ fn fortran_to_c(data: &[f32], shape: &[usize]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_of_atomic_writes_name_their_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&temp_prefix("sample_s0_000012.png".as_ref()))
+            .suffix(TEMP_SUFFIX)
+            .rand_bytes(TEMP_RAND_CHARS)
+            .tempfile_in(dir.path())
+            .unwrap();
+        let name = tmp
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(atomic_write_target(&name), Some("sample_s0_000012.png"));
+        assert_eq!(atomic_write_target(".x.png.abc.tmp"), None);
+        assert_eq!(atomic_write_target("x.png.abcdef.tmp"), None);
+        assert_eq!(atomic_write_target(".x.png.abcdef"), None);
+        assert_eq!(atomic_write_target("..abcdef.tmp"), None);
+    }
 
     /// Bytes of a `.npy` file with the given version, header dict text and data, built by hand
     /// per the format spec (header padded with spaces and a newline to a multiple of 64).
