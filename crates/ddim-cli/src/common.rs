@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
-use ddim::loader::{load_unet, LoadedUNet};
+use ddim::loader::{load_unet, UNetFiles};
 use ddim::scheduler::{SchedulerConfig, TimestepSpacing};
+use ddim::unet::{UNet2DConfig, UNet2DModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::UsageError;
@@ -27,7 +28,7 @@ pub enum DeviceArg {
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A diffusers model folder (pipeline, unet or flat layout) or a Hugging Face hub id such as
-    /// google/ddpm-cifar10-32.
+    /// google/ddpm-cifar10-32 [default: the built-in MNIST model].
     #[arg(long, short = 'm', value_name = "DIR|HUB_ID")]
     pub model: Option<String>,
     /// Where the model runs.
@@ -44,10 +45,25 @@ pub struct ModelArgs {
 
 /// A model ready to run, with its scheduler config.
 pub struct Model {
-    pub dir: PathBuf,
-    pub unet: LoadedUNet,
+    /// The folder it came from, or a description of the built-in model.
+    pub source: String,
+    /// Its files; `None` for the built-in model.
+    pub files: Option<UNetFiles>,
+    pub config: UNet2DConfig,
+    pub unet: UNet2DModel,
     pub scheduler_config: SchedulerConfig,
     pub device: Device,
+}
+
+/// The model `ddim` ships: a small UNet trained by `ddim train` on MNIST-5k (see the README for
+/// the command), embedded so that `ddim sample` works anywhere with no download.
+pub mod builtin {
+    pub const DESCRIPTION: &str = "the built-in MNIST model (28x28 grayscale digits)";
+    pub const CONFIG: &str = include_str!("../assets/default-model/unet/config.json");
+    pub const SCHEDULER: &str =
+        include_str!("../assets/default-model/scheduler/scheduler_config.json");
+    pub const WEIGHTS: &[u8] =
+        include_bytes!("../assets/default-model/unet/diffusion_pytorch_model.safetensors");
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -80,15 +96,7 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
 
 /// Resolves `--model` (a folder or a hub id) to a local folder; hub ids go through the
 /// Hugging Face cache (downloading unless HF_HUB_OFFLINE is set).
-pub fn model_dir(spec: Option<&str>, quiet: bool) -> Result<PathBuf> {
-    let Some(spec) = spec else {
-        return Err(UsageError(
-            "no --model given, and this build ships no default model yet: pass --model with a \
-             diffusers model folder or a hub id such as google/ddpm-cifar10-32"
-                .into(),
-        )
-        .into());
-    };
+pub fn model_dir(spec: &str, quiet: bool) -> Result<PathBuf> {
     let options = ddim::hub::HubOptions {
         progress: !quiet,
         ..ddim::hub::HubOptions::from_env()
@@ -98,29 +106,47 @@ pub fn model_dir(spec: Option<&str>, quiet: bool) -> Result<PathBuf> {
 
 /// Loads the UNet and the folder's scheduler config, warning about keys we do not know.
 pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<Model> {
-    let dir = model_dir(args.model.as_deref(), args.quiet)?;
     let device = device(args.device)?;
-    let unet = load_unet(&dir, DType::F32, &device)
+    let Some(spec) = args.model.as_deref() else {
+        let (config, unet) = ddim::loader::load_unet_from_bytes(
+            builtin::CONFIG,
+            builtin::WEIGHTS.to_vec(),
+            "built-in model",
+            DType::F32,
+            &device,
+        )
+        .context("loading the built-in model")?;
+        let mut scheduler_config = match &args.scheduler_config {
+            Some(path) => read_scheduler_config(path)?,
+            None => SchedulerConfig::from_json_str(builtin::SCHEDULER)?.config,
+        };
+        if let Some(spacing) = spacing {
+            scheduler_config.timestep_spacing = spacing;
+        }
+        return Ok(Model {
+            source: builtin::DESCRIPTION.to_string(),
+            files: None,
+            config,
+            unet,
+            scheduler_config,
+            device,
+        });
+    };
+    let dir = model_dir(spec, args.quiet)?;
+    let loaded = load_unet(&dir, DType::F32, &device)
         .with_context(|| format!("loading the UNet from {}", dir.display()))?;
-    for key in &unet.unknown_config_keys {
+    for key in &loaded.unknown_config_keys {
         eprintln!(
             "warning: {}: unknown key `{key}` ignored",
-            unet.files.config.display()
+            loaded.files.config.display()
         );
     }
     let scheduler_file = args
         .scheduler_config
         .as_deref()
-        .or_else(|| unet.scheduler_config());
+        .or_else(|| loaded.scheduler_config());
     let mut scheduler_config = match scheduler_file {
-        Some(path) => {
-            let loaded = SchedulerConfig::from_file(path)
-                .with_context(|| format!("reading the scheduler config {}", path.display()))?;
-            for key in &loaded.unknown_keys {
-                eprintln!("warning: {}: unknown key `{key}` ignored", path.display());
-            }
-            loaded.config
-        }
+        Some(path) => read_scheduler_config(path)?,
         None => {
             eprintln!(
                 "warning: {} has no scheduler_config.json; using diffusers' DDPMScheduler defaults",
@@ -133,11 +159,22 @@ pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<
         scheduler_config.timestep_spacing = spacing;
     }
     Ok(Model {
-        dir,
-        unet,
+        source: dir.display().to_string(),
+        files: Some(loaded.files),
+        config: loaded.config,
+        unet: loaded.model,
         scheduler_config,
         device,
     })
+}
+
+fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {
+    let loaded = SchedulerConfig::from_file(path)
+        .with_context(|| format!("reading the scheduler config {}", path.display()))?;
+    for key in &loaded.unknown_keys {
+        eprintln!("warning: {}: unknown key `{key}` ignored", path.display());
+    }
+    Ok(loaded.config)
 }
 
 /// A progress bar on stderr over `total` model evaluations (hidden with --quiet).

@@ -46,21 +46,38 @@ fn stored_parameters(weights: &WeightFiles) -> Result<usize> {
     }
 }
 
+fn builtin_parameters() -> Result<usize> {
+    let st = safetensors::SafeTensors::deserialize(common::builtin::WEIGHTS)
+        .context("reading the built-in weights")?;
+    Ok(st
+        .tensors()
+        .iter()
+        .map(|(_, v)| v.shape().iter().product::<usize>())
+        .sum())
+}
+
 pub fn run(args: InspectArgs) -> Result<()> {
     let model = common::load_model(&args.model, None)?;
-    let unet = &model.unet;
-    say!("model folder: {}", model.dir.display());
-    say!("  unet config: {}", unet.files.config.display());
-    say!("  weights:     {}", unet.files.weights.path().display());
-    match unet.scheduler_config() {
-        Some(p) => say!("  scheduler:   {}", p.display()),
-        None => say!("  scheduler:   (none; diffusers' defaults)"),
-    }
-    let params = stored_parameters(&unet.files.weights)?;
+    let params = match &model.files {
+        Some(files) => {
+            say!("model folder: {}", model.source);
+            say!("  unet config: {}", files.config.display());
+            say!("  weights:     {}", files.weights.path().display());
+            match &files.scheduler_config {
+                Some(p) => say!("  scheduler:   {}", p.display()),
+                None => say!("  scheduler:   (none; diffusers' defaults)"),
+            }
+            stored_parameters(&files.weights)?
+        }
+        None => {
+            say!("model: {} (in the binary)", model.source);
+            builtin_parameters()?
+        }
+    };
     say!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
     say!(
         "unet config:\n{}",
-        serde_json::to_string_pretty(&unet.config.to_json())?
+        serde_json::to_string_pretty(&model.config.to_json())?
     );
     let cfg = &model.scheduler_config;
     say!(
@@ -81,7 +98,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     } else {
         ts.iter().map(ToString::to_string).collect()
     };
-    let shape = ddim::pipeline::noise_shape(&unet.model, 1)?;
+    let shape = ddim::pipeline::noise_shape(&model.unet, 1)?;
     say!(
         "`ddim sample` runs: DDIM, {} steps, eta 0, spacing {}, {} prediction, on {:?}\n  images {}x{}x{}; timesteps [{}]",
         ts.len(),

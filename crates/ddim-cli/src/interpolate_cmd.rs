@@ -86,7 +86,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         .map(TimestepSpacing::from_name)
         .transpose()?;
     let model = common::load_model(&args.model, spacing)?;
-    let shape = pipeline::noise_shape(&model.unet.model, 1)?;
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
     let end = |seed| match args.rng {
         RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),
         RngArg::Torch => Generator::torch(seed).randn(&shape, &model.device),
@@ -110,7 +110,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         // eta = 0 draws no noise; the generator is never used.
         let mut unused = Generator::per_image(0, 0, b);
         let x = pipeline::sample(
-            &model.unet.model,
+            &model.unet,
             &model.scheduler_config,
             &options,
             z.narrow(0, start, b)?,

@@ -53,7 +53,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         common::refuse_existing(path, args.overwrite)?;
     }
     let model = common::load_model(&args.model, spacing)?;
-    let shape = pipeline::noise_shape(&model.unet.model, 1)?;
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
     let is_npy = args
         .input
         .extension()
@@ -77,7 +77,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .transpose()?;
     let bar = common::progress(args.steps as u64, args.model.quiet, "inverting");
     let x_t = pipeline::invert(
-        &model.unet.model,
+        &model.unet,
         &model.scheduler_config,
         &x0,
         args.steps,
@@ -101,7 +101,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         // eta = 0 draws no noise; the generator is never used.
         let mut unused = Generator::per_image(0, 0, x_t.dim(0)?);
         let x = pipeline::sample(
-            &model.unet.model,
+            &model.unet,
             &model.scheduler_config,
             &options,
             x_t,

@@ -11,6 +11,7 @@ macro_rules! say {
 }
 
 mod common;
+mod convert_cmd;
 mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;
@@ -42,6 +43,8 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// Print the timesteps and noise levels a scheduler config gives for N inference steps.
     Schedule(schedule_cmd::ScheduleArgs),
+    /// Rewrite a model as a diffusers pipeline folder (safetensors, f32/f16/bf16).
+    Convert(convert_cmd::ConvertArgs),
     /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
     Train(train_cmd::TrainArgs),
 }
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Convert(args) => convert_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -230,7 +230,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
 
     let model = common::load_model(&args.model, spacing)?;
-    let shape1 = pipeline::noise_shape(&model.unet.model, 1)?;
+    let shape1 = pipeline::noise_shape(&model.unet, 1)?;
 
     // x_T from a file, if given
     let noise = match &args.noise {
@@ -418,13 +418,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Some(g) => g,
             None => Generator::per_image(args.seed, start as u64, len),
         };
-        let shape = pipeline::noise_shape(&model.unet.model, len)?;
+        let shape = pipeline::noise_shape(&model.unet, len)?;
         let x_t = match &noise {
             Some(t) => t.narrow(0, start, len)?,
             None => generator.randn(&shape, &model.device)?,
         };
         let x0 = pipeline::sample(
-            &model.unet.model,
+            &model.unet,
             &model.scheduler_config,
             &options,
             x_t,

@@ -54,7 +54,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate of AdamW [default: 1e-4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// constant or cosine (after the warmup) [default: cosine].
     #[arg(long, value_name = "SCHEDULE")]
@@ -63,14 +63,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub warmup_steps: Option<u64>,
     /// AdamW weight decay [default: 1e-6].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// Clip the gradient norm to this; 0 turns clipping off [default: 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
     /// The EMA decay: the cap of diffusers' EMA warmup, or the fixed decay with --ema-fixed
     /// [default: 0.9999].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub ema_decay: Option<f64>,
     /// Use --ema-decay at every step instead of diffusers' EMA warmup (1 - (1+step)^-0.75).
     #[arg(long)]
@@ -352,6 +352,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let stop = interrupted.load(Ordering::SeqCst);
         if step % args.save_every == 0 || step == cfg.steps || stop {
             save(&trainer, &args.output)?;
+            if bar.is_hidden() && !args.quiet {
+                // No terminal for the bar (a log file): one line per checkpoint instead.
+                eprintln!(
+                    "step {step}/{}: loss {:.4} (mean of the last {} steps {:.4}), {:.1} img/s, lr {:.2e}, saved",
+                    cfg.steps,
+                    stats.loss,
+                    args.save_every.min(step),
+                    recent_mean(trainer.losses(), args.save_every as usize),
+                    images_per_s,
+                    stats.lr
+                );
+            }
         }
         if args.sample_every > 0 && step % args.sample_every == 0 {
             sample_grid(&trainer, &args.output, step)?;
@@ -367,17 +379,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     bar.finish();
-    let losses = trainer.losses();
-    let tail = &losses[losses.len().saturating_sub(100)..];
     say!(
         "trained {} steps in {:.0}s; mean loss of the last {} steps {:.5}; model saved to {}",
         cfg.steps - done,
         started.elapsed().as_secs_f64(),
-        tail.len(),
-        tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64,
+        trainer.losses().len().min(100),
+        recent_mean(trainer.losses(), 100),
         args.output.display()
     );
     Ok(())
+}
+
+fn recent_mean(losses: &[f32], n: usize) -> f64 {
+    let tail = &losses[losses.len().saturating_sub(n.max(1))..];
+    tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len().max(1) as f64
 }
 
 fn progress(total: u64, done: u64, quiet: bool) -> ProgressBar {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::pickle::PthTensors;
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::{BufferedSafetensors, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -236,10 +236,15 @@ pub fn load_unet_weights(
     dtype: DType,
     device: &Device,
 ) -> Result<UNet2DModel> {
-    let store = match weights {
-        // SAFETY: the file is mapped read-only and only while the model is built (`load` copies
-        // each tensor out of the mapping); as with any mmap, the file must not be truncated or
-        // rewritten by another process during that time.
+    let store = open_store(weights)?;
+    build_checked(config, store, weights.path(), dtype, device)
+}
+
+fn open_store(weights: &WeightFiles) -> Result<Store> {
+    Ok(match weights {
+        // SAFETY: the file is mapped read-only and only while the tensors are read (`load`
+        // copies each tensor out of the mapping); as with any mmap, the file must not be
+        // truncated or rewritten by another process during that time.
         WeightFiles::Safetensors(path) => {
             Store::Safetensors(unsafe { MmapedSafetensors::new(path)? })
         }
@@ -250,7 +255,18 @@ pub fn load_unet_weights(
         WeightFiles::PyTorch(path) => {
             Store::PyTorch(PthTensors::new(path, None).map_err(|e| e.with_path(path))?)
         }
-    };
+    })
+}
+
+/// Builds the model from `store`, listing every missing, unexpected or misshapen tensor (named
+/// after `path`) in one error.
+fn build_checked(
+    config: &UNet2DConfig,
+    store: Store,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DModel> {
     let checked = CheckedStore::new(store)?;
     let log = checked.log.clone();
     let stored = checked.tensors.clone();
@@ -271,11 +287,92 @@ pub fn load_unet_weights(
     problems.extend(unexpected);
     if !problems.is_empty() {
         return Err(Error::WeightMismatch {
-            path: weights.path().to_path_buf(),
+            path: path.to_path_buf(),
             problems,
         });
     }
     model
+}
+
+/// Builds a [`UNet2DModel`] from a config JSON text and the bytes of a safetensors file held in
+/// memory (a model embedded in a binary), with the same checks as [`load_unet_weights`];
+/// `name` stands for the weights in messages.
+pub fn load_unet_from_bytes(
+    config_json: &str,
+    weights: Vec<u8>,
+    name: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<(UNet2DConfig, UNet2DModel)> {
+    let (config, _) = UNet2DConfig::from_json_str(config_json)?;
+    let store = Store::Buffered(BufferedSafetensors::new(weights)?);
+    let model = build_checked(&config, store, Path::new(name), dtype, device)?;
+    Ok((config, model))
+}
+
+/// Writes a diffusers pipeline folder, each file atomically: `model_index.json`,
+/// `unet/config.json`, `unet/diffusion_pytorch_model.safetensors` (the `tensors` as given, any
+/// dtype) and `scheduler/scheduler_config.json` written as a `kind` scheduler
+/// (`DDPMPipeline` for DDPM configs, else `DDIMPipeline`). `DDIMPipeline.from_pretrained` and
+/// [`load_unet`] read the result.
+pub fn save_pipeline_folder(
+    dir: &Path,
+    unet_config: &UNet2DConfig,
+    tensors: &[(String, Tensor)],
+    scheduler_config: &crate::scheduler::SchedulerConfig,
+    kind: crate::scheduler::SchedulerKind,
+) -> Result<()> {
+    use std::io::Write as _;
+    let weights = dir.join("unet").join(SAFETENSORS_NAME);
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| {
+        Error::argument(
+            "weights",
+            weights.display(),
+            format!("serialisable tensors ({e})"),
+        )
+    })?;
+    crate::npy::write_atomically(&weights, |w| w.write_all(&bytes))?;
+    let json = |path: PathBuf, value: serde_json::Value| -> Result<()> {
+        let mut text = serde_json::to_string_pretty(&value).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        text.push('\n');
+        crate::npy::write_atomically(&path, |w| w.write_all(text.as_bytes()))
+    };
+    json(dir.join("unet").join(CONFIG_NAME), unet_config.to_json())?;
+    json(
+        dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
+        scheduler_config.to_json(kind),
+    )?;
+    let (pipeline, scheduler) = match kind {
+        crate::scheduler::SchedulerKind::Ddpm => ("DDPMPipeline", "DDPMScheduler"),
+        _ => ("DDIMPipeline", "DDIMScheduler"),
+    };
+    json(
+        dir.join(MODEL_INDEX_NAME),
+        serde_json::json!({
+            "_class_name": pipeline,
+            "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", scheduler],
+            "unet": ["diffusers", "UNet2DModel"],
+        }),
+    )
+}
+
+/// Every tensor of a UNet's weights under its diffusers name (legacy attention names renamed),
+/// on the CPU in the stored dtype.
+pub fn read_unet_tensors(weights: &WeightFiles) -> Result<Vec<(String, Tensor)>> {
+    let store = open_store(weights)?;
+    let mut out = Vec::new();
+    for (name, _) in store.shapes()? {
+        let tensor = store.load(&name, &Device::Cpu)?;
+        out.push((diffusers_tensor_name(&name), tensor));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// The diffusers name of a stored tensor: `<...>.attentions.<i>.{query,key,value,proj_attn}.<p>`
@@ -305,6 +402,7 @@ pub fn diffusers_tensor_name(stored: &str) -> String {
 /// The tensors of a weights file.
 enum Store {
     Safetensors(MmapedSafetensors),
+    Buffered(BufferedSafetensors),
     PyTorch(PthTensors),
 }
 
@@ -313,6 +411,11 @@ impl Store {
     fn shapes(&self) -> Result<Vec<(String, Vec<usize>)>> {
         Ok(match self {
             Store::Safetensors(st) => st
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| (name, view.shape().to_vec()))
+                .collect(),
+            Store::Buffered(st) => st
                 .tensors()
                 .into_iter()
                 .map(|(name, view)| (name, view.shape().to_vec()))
@@ -328,6 +431,7 @@ impl Store {
     fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Store::Safetensors(st) => st.load(name, device),
+            Store::Buffered(st) => st.load(name, device),
             Store::PyTorch(pth) => pth
                 .get(name)?
                 .ok_or_else(|| candle_core::Error::CannotFindTensor {

@@ -12,7 +12,6 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use super::{Moments, TrainConfig, Trainer};
-use crate::loader::{CONFIG_NAME, MODEL_INDEX_NAME, SAFETENSORS_NAME, SCHEDULER_CONFIG_NAME};
 use crate::npy::write_atomically;
 use crate::scheduler::SchedulerKind;
 use crate::{Error, Result};
@@ -45,48 +44,20 @@ fn write_safetensors(
     write_atomically(path, |w| w.write_all(&bytes))
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    text.push('\n');
-    write_atomically(path, |w| w.write_all(text.as_bytes()))
-}
-
 /// Writes the EMA model as a diffusers pipeline folder: `model_index.json` (`DDPMPipeline`),
-/// `unet/config.json`, `unet/diffusion_pytorch_model.safetensors` and
+/// `unet/config.json`, `unet/diffusion_pytorch_model.safetensors` (f32) and
 /// `scheduler/scheduler_config.json` (`DDPMScheduler`, the training schedule).
 pub fn save_pipeline(trainer: &Trainer, dir: &Path) -> Result<()> {
-    let (names, vars, _, _, ema) = trainer.parts();
-    let tensors = names
-        .iter()
-        .zip(vars)
-        .zip(ema)
-        .map(|((n, v), e)| (n.clone(), v.dims().to_vec(), f32_bytes(e)))
-        .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(
-        &dir.join("unet").join(SAFETENSORS_NAME),
-        tensors,
-        Some(meta),
-    )?;
+    let mut tensors: Vec<(String, candle_core::Tensor)> =
+        trainer.ema_tensors()?.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let config = trainer.config();
-    write_json(&dir.join("unet").join(CONFIG_NAME), &config.unet.to_json())?;
-    std::fs::create_dir_all(dir.join("scheduler"))
-        .map_err(|e| Error::io(&dir.join("scheduler"), e))?;
-    config.scheduler.save(
+    crate::loader::save_pipeline_folder(
+        dir,
+        &config.unet,
+        &tensors,
+        &config.scheduler,
         SchedulerKind::Ddpm,
-        dir.join("scheduler").join(SCHEDULER_CONFIG_NAME),
-    )?;
-    write_json(
-        &dir.join(MODEL_INDEX_NAME),
-        &serde_json::json!({
-            "_class_name": "DDPMPipeline",
-            "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "unet": ["diffusers", "UNet2DModel"],
-        }),
     )
 }
 

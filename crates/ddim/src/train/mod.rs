@@ -529,23 +529,24 @@ impl Trainer {
             self.config.steps,
         );
         let decay = self.config.ema.decay(step + 1);
-        for i in 0..self.vars.len() {
+        let slots = self
+            .params
+            .iter_mut()
+            .zip(&mut self.moments)
+            .zip(&mut self.ema)
+            .zip(&self.vars);
+        for ((((param, moments), ema), var), grad) in slots.zip(&flat) {
             optim::adamw_update(
                 &self.config.adamw,
                 lr,
                 step + 1,
-                &mut self.params[i],
-                &flat[i],
+                param,
+                grad,
                 scale,
-                &mut self.moments[i],
+                moments,
             );
-            optim::ema_update(&mut self.ema[i], &self.params[i], decay);
-            let var = &self.vars[i];
-            var.set(&Tensor::from_slice(
-                &self.params[i],
-                var.dims(),
-                &self.device,
-            )?)?;
+            optim::ema_update(ema, param, decay);
+            var.set(&Tensor::from_slice(param, var.dims(), &self.device)?)?;
         }
         self.losses.push(loss_value);
         Ok(StepStats {
@@ -576,6 +577,16 @@ impl Trainer {
     /// The EMA weights by diffusers name (on the CPU).
     pub fn ema_tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         self.tensors_of(&self.ema)
+    }
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step_count())
+            .field("parameters", &self.num_parameters())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -645,9 +656,18 @@ fn init_params(names: &[String], shapes: &[Vec<usize>], seed: u64) -> Vec<Vec<f3
         .collect()
 }
 
+/// Names, variables, raw weights, AdamW moments and EMA weights, in name order.
+pub(crate) type Parts<'a> = (
+    &'a [String],
+    &'a [Var],
+    &'a [Vec<f32>],
+    &'a [Moments],
+    &'a [Vec<f32>],
+);
+
 /// Trainer internals the checkpoint code reads and restores.
 impl Trainer {
-    pub(crate) fn parts(&self) -> (&[String], &[Var], &[Vec<f32>], &[Moments], &[Vec<f32>]) {
+    pub(crate) fn parts(&self) -> Parts<'_> {
         (
             &self.names,
             &self.vars,
