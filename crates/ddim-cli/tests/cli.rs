@@ -354,7 +354,6 @@ fn sample_rejects_bad_input_with_exit_code_2() {
             vec!["sample", "--model", "/no/such/model", "--output", o],
             "/no/such/model",
         ),
-        (vec!["sample", "--output", o], "--model"),
         (
             vec![
                 "sample",
@@ -1035,5 +1034,33 @@ fn train_ctrl_c_saves_and_the_resumed_run_matches() {
     let o = train_cmd(&b, &["--steps", steps]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(train_losses(&a), train_losses(&b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sample_without_model_uses_the_built_in_mnist_model() {
+    let dir = tmp("builtin");
+    let out = dir.join("o");
+    let npy = dir.join("x0.npy");
+    let o = ddim(&[
+        "sample",
+        "-n",
+        "2",
+        "--steps",
+        "4",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+        "--save-tensor",
+        npy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let x0 = ddim::npy::read_npy(&npy).unwrap();
+    assert_eq!(x0.shape, [2, 1, 28, 28]);
+    let img = ddim::image_io::load_image(&out.join("sample_s0_000000.png"), 1, None).unwrap();
+    assert_eq!(img.dims(), &[1, 1, 28, 28]);
+    let o = ddim(&["inspect"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("built-in MNIST model"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,6 +14,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
+
+use super::f32_slice;
 use rayon::prelude::*;
 
 /// The geometry of one convolution.
@@ -209,16 +211,6 @@ fn matmul(
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("conv2d: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: {what} must be contiguous"),
-    }
-}
-
 /// Splits `data` into `parts` runs of whole images of `per` values each.
 fn image_chunks(b: usize, parts: usize) -> usize {
     b.div_ceil(parts.max(1)).max(1)
@@ -246,7 +238,10 @@ impl CustomOp2 for Conv2dOp {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
-        let (x, w) = (contiguous(xs, xl, "input")?, contiguous(ws, wl, "weight")?);
+        let (x, w) = (
+            f32_slice(xs, xl, "conv2d", "input")?,
+            f32_slice(ws, wl, "conv2d", "weight")?,
+        );
         let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
         let per_out = g.c_out * n;
         let mut y = vec![0f32; g.b * per_out];
@@ -328,8 +323,8 @@ impl CustomOp2 for Conv2dInputGrad {
             candle_core::bail!("conv2d backward: gradient shape {dyd:?} does not match")
         }
         let (dy, w) = (
-            contiguous(dys, dyl, "gradient")?,
-            contiguous(ws, wl, "weight")?,
+            f32_slice(dys, dyl, "conv2d", "gradient")?,
+            f32_slice(ws, wl, "conv2d", "weight")?,
         );
         let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
         let per_out = g.c_out * n;
@@ -385,8 +380,8 @@ impl CustomOp2 for Conv2dWeightGrad {
             candle_core::bail!("conv2d backward: gradient shape {dyd:?} does not match")
         }
         let (x, dy) = (
-            contiguous(xs, xl, "input")?,
-            contiguous(dys, dyl, "gradient")?,
+            f32_slice(xs, xl, "conv2d", "input")?,
+            f32_slice(dys, dyl, "conv2d", "gradient")?,
         );
         let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
         let per_out = g.c_out * n;
@@ -500,27 +495,8 @@ impl candle_core::Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, randn};
     use candle_core::{Device, Var};
-
-    fn randn(dims: &[usize], seed: u64) -> Tensor {
-        let n: usize = dims.iter().product();
-        let mut v = vec![0f32; n];
-        crate::rng::ImageStream::new(seed, 0).fill_normal(&mut v);
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// Forward and both gradients equal candle's conv2d (and its autograd) for the shapes a
     /// UNet uses: 3×3 stride 1 pad 1, 3×3 stride 2 pad 1 / pad 0, 1×1, odd sizes, batch 1 and 5.
@@ -535,12 +511,12 @@ mod tests {
             (2, 2, 6, 6, 3, 3, 1, 0),
         ];
         for (seed, &(b, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
-            let x = Var::from_tensor(&randn(&[b, c, h, w], seed as u64)).unwrap();
-            let wt = Var::from_tensor(&randn(&[o, c, k, k], 100 + seed as u64)).unwrap();
+            let x = Var::from_tensor(&randn(&[b, c, h, w], seed as u64, 1.0, 0.0)).unwrap();
+            let wt = Var::from_tensor(&randn(&[o, c, k, k], 100 + seed as u64, 1.0, 0.0)).unwrap();
             let ours = conv2d(&x, &wt, s, p).unwrap();
             let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            let scale = randn(ours.dims(), 200 + seed as u64);
+            let scale = randn(ours.dims(), 200 + seed as u64, 1.0, 0.0);
             let tol = 1e-4;
             assert!(max_diff(&ours, &theirs) < tol, "forward {:?}", cases[seed]);
             let g1 = (ours * &scale)
@@ -569,8 +545,8 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors() {
-        let x = randn(&[1, 3, 4, 4], 0);
-        assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 1), 1, 1).is_err());
-        assert!(conv2d(&x, &randn(&[2, 3, 7, 7], 1), 1, 1).is_err());
+        let x = randn(&[1, 3, 4, 4], 0, 1.0, 0.0);
+        assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 1, 1.0, 0.0), 1, 1).is_err());
+        assert!(conv2d(&x, &randn(&[2, 3, 7, 7], 1, 1.0, 0.0), 1, 1).is_err());
     }
 }

@@ -7,17 +7,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-const CHUNK: usize = 1 << 13;
+use super::f32_slice;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op}: expected f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: expected a contiguous tensor"),
-    }
-}
+const CHUNK: usize = 1 << 13;
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -32,7 +24,7 @@ impl CustomOp1 for Silu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "silu")?;
+        let x = f32_slice(s, l, "silu", "input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -66,8 +58,8 @@ impl CustomOp2 for SiluBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (
-            slice(xs, xl, "silu backward")?,
-            slice(gs, gl, "silu backward")?,
+            f32_slice(xs, xl, "silu backward", "input")?,
+            f32_slice(gs, gl, "silu backward", "input")?,
         );
         if x.len() != g.len() {
             candle_core::bail!("silu backward: shapes differ")
@@ -103,7 +95,7 @@ impl CustomOp1 for Upsample2x {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "upsample")?;
+        let x = f32_slice(s, l, "upsample", "input")?;
         let &[b, c, h, w] = l.dims() else {
             candle_core::bail!("upsample: expected (b, c, h, w), got {:?}", l.dims())
         };
@@ -139,7 +131,7 @@ impl CustomOp1 for Sum2x2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s, l, "upsample backward")?;
+        let g = f32_slice(s, l, "upsample backward", "input")?;
         let &[b, c, h2, w2] = l.dims() else {
             candle_core::bail!(
                 "upsample backward: expected (b, c, h, w), got {:?}",
@@ -176,42 +168,20 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, randn};
     use candle_core::{Device, Var};
-
-    fn randn(dims: &[usize], seed: u64) -> Tensor {
-        let n: usize = dims.iter().product();
-        let mut v = vec![0f32; n];
-        crate::rng::ImageStream::new(seed, 0).fill_normal(&mut v);
-        Tensor::from_vec(v, dims, &Device::Cpu)
-            .unwrap()
-            .affine(4.0, 0.0)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn silu_and_upsample_match_candle() {
-        let x = Var::from_tensor(&randn(&[2, 3, 5, 4], 1)).unwrap();
-        let w = randn(&[2, 3, 5, 4], 2);
+        let x = Var::from_tensor(&randn(&[2, 3, 5, 4], 1, 4.0, 0.0)).unwrap();
+        let w = randn(&[2, 3, 5, 4], 2, 4.0, 0.0);
         let (a, b) = (silu(&x).unwrap(), x.silu().unwrap());
         assert!(max_diff(&a, &b) < 1e-6);
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
 
-        let w = randn(&[2, 3, 10, 8], 3);
+        let w = randn(&[2, 3, 10, 8], 3, 4.0, 0.0);
         let (a, b) = (
             upsample_nearest_2x(&x).unwrap(),
             x.upsample_nearest2d(10, 8).unwrap(),

@@ -9,6 +9,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::f32_slice;
+
 #[derive(Clone, Copy, Debug)]
 struct Dims {
     b: usize,
@@ -37,16 +39,6 @@ impl Dims {
     /// Values per (image, group).
     fn group_len(&self) -> usize {
         self.c / self.groups * self.hw
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("group_norm: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("group_norm: {what} must be contiguous"),
     }
 }
 
@@ -90,9 +82,9 @@ impl CustomOp3 for GroupNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(xl.dims(), self.groups)?;
         let (x, gamma, beta) = (
-            slice(xs, xl, "input")?,
-            slice(gs, gl, "weight")?,
-            slice(bs, bl, "bias")?,
+            f32_slice(xs, xl, "group_norm", "input")?,
+            f32_slice(gs, gl, "group_norm", "weight")?,
+            f32_slice(bs, bl, "group_norm", "bias")?,
         );
         if gamma.len() != d.c || beta.len() != d.c {
             candle_core::bail!("group_norm: weight and bias must have {} values", d.c)
@@ -155,9 +147,9 @@ impl CustomOp3 for GroupNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(xl.dims(), self.0.groups)?;
         let (x, gamma, dy) = (
-            slice(xs, xl, "input")?,
-            slice(gs, gl, "weight")?,
-            slice(dys, dyl, "gradient")?,
+            f32_slice(xs, xl, "group_norm", "input")?,
+            f32_slice(gs, gl, "group_norm", "weight")?,
+            f32_slice(dys, dyl, "group_norm", "gradient")?,
         );
         if dy.len() != x.len() || gamma.len() != d.c {
             candle_core::bail!("group_norm backward: shapes do not match")
@@ -284,28 +276,8 @@ impl candle_core::Module for GroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{max_diff, randn};
     use candle_core::{Device, Var};
-
-    fn randn(dims: &[usize], seed: u64, scale: f32, shift: f32) -> Tensor {
-        let n: usize = dims.iter().product();
-        let mut v = vec![0f32; n];
-        crate::rng::ImageStream::new(seed, 0).fill_normal(&mut v);
-        let v = v.into_iter().map(|x| x * scale + shift).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// Forward and all three gradients equal candle_nn's GroupNorm and its autograd.
     #[test]
