@@ -496,7 +496,7 @@ impl candle_core::Module for Conv2d {
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     /// Forward and both gradients equal candle's conv2d (and its autograd) for the shapes a
     /// UNet uses: 3×3 stride 1 pad 1, 3×3 stride 2 pad 1 / pad 0, 1×1, odd sizes, batch 1 and 5.

@@ -169,7 +169,7 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::testing::{max_diff, randn};
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     #[test]
     fn silu_and_upsample_match_candle() {
