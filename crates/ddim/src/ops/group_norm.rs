@@ -13,7 +13,6 @@ use super::f32_slice;
 
 #[derive(Clone, Copy, Debug)]
 struct Dims {
-    b: usize,
     c: usize,
     hw: usize,
     groups: usize,
@@ -24,12 +23,11 @@ impl Dims {
         if x.len() < 2 {
             candle_core::bail!("group_norm: expected (b, c, ...) input, got {x:?}")
         }
-        let (b, c) = (x[0], x[1]);
+        let c = x[1];
         if groups == 0 || c % groups != 0 {
             candle_core::bail!("group_norm: {c} channels cannot form {groups} groups")
         }
         Ok(Dims {
-            b,
             c,
             hw: x[2..].iter().product(),
             groups,
@@ -208,7 +206,6 @@ impl CustomOp3 for GroupNormBackward {
                 dgamma[c0 + ci] += s_dyx;
             }
         }
-        let _ = d.b;
         out.extend(dgamma.iter().map(|&v| v as f32));
         out.extend(dbeta.iter().map(|&v| v as f32));
         let len = out.len();

@@ -503,10 +503,9 @@ impl Trainer {
 
         let mut flat = Vec::with_capacity(self.vars.len());
         let mut sq = 0f64;
-        for (var, name) in self.vars.iter().zip(&self.names) {
+        for var in &self.vars {
             // No gradient reaches a parameter whose gradient is identically zero (the key bias
             // of softmax attention shifts every score of a query equally), as in PyTorch.
-            let _ = name;
             let g: Vec<f32> = match grads.get(var.as_tensor()) {
                 Some(g) => g.flatten_all()?.to_vec1()?,
                 None => vec![0.0; var.elem_count()],
