@@ -16,6 +16,7 @@ mod interpolate_cmd;
 mod invert_cmd;
 mod sample_cmd;
 mod schedule_cmd;
+mod train_classifier_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;
@@ -44,6 +45,10 @@ enum Command {
     Schedule(schedule_cmd::ScheduleArgs),
     /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
     Train(train_cmd::TrainArgs),
+    /// Train the digit classifier behind `ddim eval`'s feature metrics (for maintainers: the
+    /// shipped weights in crates/ddim/assets/ were made with it).
+    #[command(hide = true)]
+    TrainClassifier(train_classifier_cmd::TrainClassifierArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::TrainClassifier(args) => train_classifier_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
