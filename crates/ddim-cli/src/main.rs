@@ -11,9 +11,11 @@ macro_rules! say {
 }
 
 mod common;
+mod eval_cmd;
 mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;
+mod plot;
 mod sample_cmd;
 mod schedule_cmd;
 mod train_classifier_cmd;
@@ -45,6 +47,8 @@ enum Command {
     Schedule(schedule_cmd::ScheduleArgs),
     /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
     Train(train_cmd::TrainArgs),
+    /// Score DDIM samples against real images for each steps × eta (the DDIM paper's Table 1).
+    Eval(eval_cmd::EvalArgs),
     /// Train the digit classifier behind `ddim eval`'s feature metrics (for maintainers: the
     /// shipped weights in crates/ddim/assets/ were made with it).
     #[command(hide = true)]
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
         Command::TrainClassifier(args) => train_classifier_cmd::run(args),
     };
     match result {
