@@ -12,11 +12,14 @@ macro_rules! say {
 
 mod common;
 mod convert_cmd;
+mod eval_cmd;
 mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;
+mod plot;
 mod sample_cmd;
 mod schedule_cmd;
+mod train_classifier_cmd;
 mod train_cmd;
 
 use std::process::ExitCode;
@@ -47,6 +50,12 @@ enum Command {
     Convert(convert_cmd::ConvertArgs),
     /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
     Train(train_cmd::TrainArgs),
+    /// Score DDIM samples against real images for each steps × eta (the DDIM paper's Table 1).
+    Eval(eval_cmd::EvalArgs),
+    /// Train the digit classifier behind `ddim eval`'s feature metrics (for maintainers: the
+    /// shipped weights in crates/ddim/assets/ were made with it).
+    #[command(hide = true)]
+    TrainClassifier(train_classifier_cmd::TrainClassifierArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +68,8 @@ fn main() -> ExitCode {
         Command::Schedule(args) => schedule_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),
         Command::Convert(args) => convert_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
+        Command::TrainClassifier(args) => train_classifier_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,7 @@
 //! ```
 
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod image_io;
 pub mod loader;

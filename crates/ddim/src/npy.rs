@@ -218,7 +218,7 @@ pub(crate) fn atomic_write_target(temp_name: &str) -> Option<&str> {
 /// Writes a file atomically: `write` fills a temporary file in `path`'s directory, which is
 /// flushed, fsynced and renamed over `path`. On any error the temporary file is removed and an
 /// existing file at `path` is left as it was. A missing parent directory is created.
-pub(crate) fn write_atomically(
+pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
 ) -> Result<()> {

@@ -138,9 +138,7 @@ impl Dataset {
                 "a folder of PNG/JPEG images, or a built-in set: digits, mnist5k",
             ));
         }
-        let mut files = Vec::new();
-        collect_images(dir, &mut files, 0)?;
-        files.sort();
+        let files = image_files(dir)?;
         let mut images = Vec::new();
         let mut skipped = Vec::new();
         for path in files {
@@ -225,6 +223,15 @@ fn check_size(size: usize) -> Result<()> {
 }
 
 const MAX_DEPTH: usize = 64;
+
+/// The PNG/JPEG files under `dir` (searched recursively, not following links), in path order:
+/// the files [`Dataset::from_folder`] reads.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect_images(dir, &mut files, 0)?;
+    files.sort();
+    Ok(files)
+}
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
     if depth > MAX_DEPTH {

@@ -1,0 +1,559 @@
+//! `ddim eval`: the DDIM paper's Table 1 on one model. For every (eta, steps) cell, N images are
+//! sampled with DDIM at that η (the same N starting noises x_T in every cell) and scored against
+//! the real set with `ddim::eval`; the command prints one table per metric (rows η, columns
+//! steps) and writes `metrics.csv`, `metrics.png` and a grid of samples per cell.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ddim::eval::{Evaluator, Scores};
+use ddim::image_io;
+use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
+use ddim::scheduler::DDIMScheduler;
+use ddim::train::{Dataset, Fit, BUILTIN_DATASETS};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::common::{self, ModelArgs};
+use crate::plot::{self, LineChart, Series};
+use crate::UsageError;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The real images: a built-in set (digits: 1,797 8×8; mnist5k: 5,000 28×28), which gets
+    /// every metric, or a folder of PNG/JPEG images of the model's size and channels, which gets
+    /// the pixel-space FD only.
+    #[arg(long, value_name = "digits|mnist5k|DIR")]
+    pub data: String,
+    /// The numbers of DDIM steps, comma-separated (the table's columns).
+    #[arg(long, value_delimiter = ',', default_value = "10,20,50,100,1000")]
+    pub steps: Vec<usize>,
+    /// The values of DDIM's η, comma-separated (the rows): 0 is deterministic DDIM, 1 has
+    /// DDPM's variance.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.2,0.5,1.0",
+        allow_negative_numbers = true
+    )]
+    pub eta: Vec<f64>,
+    /// Images sampled per (eta, steps) cell.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    pub num_samples: usize,
+    /// Images per model call.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// The seed of the starting noises (the same in every cell).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The neighbourhood size k of precision and recall.
+    #[arg(long, default_value_t = ddim::eval::DEFAULT_K)]
+    pub k: usize,
+    /// The folder for metrics.csv, metrics.png and the sample grids.
+    #[arg(long, short = 'o', value_name = "DIR", default_value = "eval")]
+    pub output: PathBuf,
+    /// Replace the results of an earlier run in --output.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// One metric: its CSV column, its title, and how it reads a cell's scores.
+struct Metric {
+    column: &'static str,
+    title: &'static str,
+    digits: usize,
+    get: fn(&Scores) -> Option<f64>,
+}
+
+const METRICS: [Metric; 6] = [
+    Metric {
+        column: "fd_pixels",
+        title: "FD in pixel space (lower is better)",
+        digits: 3,
+        get: |s| Some(s.fd_pixels),
+    },
+    Metric {
+        column: "fd_classifier",
+        title: "FD in classifier features (lower is better)",
+        digits: 3,
+        get: |s| s.fd_features,
+    },
+    Metric {
+        column: "precision",
+        title: "precision (higher is better)",
+        digits: 3,
+        get: |s| s.precision,
+    },
+    Metric {
+        column: "recall",
+        title: "recall (higher is better)",
+        digits: 3,
+        get: |s| s.recall,
+    },
+    Metric {
+        column: "class_entropy_bits",
+        title: "entropy of predicted classes, bits (3.32 = all ten equally often)",
+        digits: 3,
+        get: |s| s.class_entropy,
+    },
+    Metric {
+        column: "top_class_share",
+        title: "share of the most common predicted class (0.1 = balanced)",
+        digits: 3,
+        get: |s| s.top_class_share,
+    },
+];
+
+/// A finished cell.
+struct Cell {
+    eta: f64,
+    steps: usize,
+    scores: Scores,
+    seconds: f64,
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    UsageError(msg).into()
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let started = Instant::now();
+    let (steps, etas) = check_grid(&args)?;
+    let model = common::load_model(&args.model, None)?;
+    let [_, channels, height, width] = pipeline::noise_shape(&model.unet, 1)?;
+    if height != width {
+        return Err(usage(format!(
+            "the model makes {height}×{width} images; ddim eval compares square images"
+        )));
+    }
+    let dim = channels * height * width;
+    if dim > ddim::eval::frechet::MAX_DIM {
+        return Err(usage(format!(
+            "the model makes {channels}×{height}×{width} images ({dim} values each); the \
+             pixel-space FD fits a covariance over every value and supports at most {} (e.g. \
+             32×32 RGB or 64×64 grayscale)",
+            ddim::eval::frechet::MAX_DIM
+        )));
+    }
+    // Every step count must be one the scheduler can take, before minutes of sampling.
+    let mut scheduler = DDIMScheduler::new(&model.scheduler_config)?;
+    for &s in &steps {
+        scheduler.set_timesteps(s).map_err(|e| {
+            usage(format!(
+                "--steps {s}: {e} (the model was trained with {} timesteps)",
+                model.scheduler_config.num_train_timesteps
+            ))
+        })?;
+    }
+    let real = open_real(&args.data, channels, height)?;
+    let csv_path = args.output.join("metrics.csv");
+    let png_path = args.output.join("metrics.png");
+    image_io::ensure_writable_dir(&args.output)?;
+    for path in [&csv_path, &png_path] {
+        common::refuse_existing(path, args.overwrite)?;
+    }
+
+    eprintln!(
+        "real: {} ({} images of {channels}×{height}×{width}); computing its statistics",
+        real.source, real.len
+    );
+    let stats_started = Instant::now();
+    let evaluator = Evaluator::new(&real, args.k)?;
+    eprintln!(
+        "real statistics in {:.1} s",
+        stats_started.elapsed().as_secs_f64()
+    );
+    match evaluator.classifier_accuracy() {
+        Some(acc) => eprintln!(
+            "classifier: the shipped {} classifier, {:.2}% accurate on the held-out real images",
+            real.source,
+            100.0 * acc
+        ),
+        None => eprintln!(
+            "note: the feature metrics (FD in classifier features, precision, recall, predicted \
+             classes) need a built-in set with its classifier (--data digits or mnist5k); for \
+             {} only the pixel-space FD is computed",
+            real.source
+        ),
+    }
+
+    let n = args.num_samples;
+    let batch = args.batch_size.min(n);
+    let total: u64 = (n * steps.iter().sum::<usize>() * etas.len()) as u64;
+    let bar = progress(total, args.model.quiet);
+    let mut cells: Vec<Cell> = Vec::new();
+    for &eta in &etas {
+        for &s in &steps {
+            bar.set_message(format!("eta {eta}, {s} steps"));
+            let cell_started = Instant::now();
+            let options = SampleOptions {
+                sampler: Sampler::Ddim,
+                num_inference_steps: s,
+                eta,
+                ..SampleOptions::default()
+            };
+            let mut samples: Vec<f32> = Vec::with_capacity(n * channels * height * width);
+            let mut first_batch = None;
+            for start in (0..n).step_by(batch) {
+                let len = batch.min(n - start);
+                // The same x_T (and noise streams) for image i in every cell.
+                let mut generator = Generator::per_image(args.seed, start as u64, len);
+                let shape = pipeline::noise_shape(&model.unet, len)?;
+                let x_t = generator.randn(&shape, &model.device)?;
+                let x0 = pipeline::sample(
+                    &model.unet,
+                    &model.scheduler_config,
+                    &options,
+                    x_t,
+                    &mut generator,
+                    &mut |_| {
+                        bar.inc(len as u64);
+                        Ok(())
+                    },
+                )
+                .with_context(|| {
+                    format!(
+                        "sampling images {start}..{} at eta {eta}, {s} steps",
+                        start + len
+                    )
+                })?;
+                let x0 = x0.to_device(&candle_core::Device::Cpu)?;
+                if first_batch.is_none() {
+                    first_batch = Some(x0.clone());
+                }
+                samples.extend(x0.flatten_all()?.to_vec1::<f32>()?);
+            }
+            let seconds = cell_started.elapsed().as_secs_f64();
+            let scoring_started = Instant::now();
+            let scores = evaluator
+                .score(&samples, n)
+                .with_context(|| format!("scoring the samples of eta {eta}, {s} steps"))?;
+            let scoring = scoring_started.elapsed().as_secs_f64();
+            if let Some(x0) = first_batch {
+                save_grid(&x0, &args.output.join(grid_name(eta, s)))?;
+            }
+            // (println on the bar would print nothing where stderr is not a terminal)
+            bar.suspend(|| eprintln!("{}", cell_line(eta, s, &scores, seconds, scoring)));
+            cells.push(Cell {
+                eta,
+                steps: s,
+                scores,
+                seconds,
+            });
+            // Written after every cell, so an interrupted run keeps the finished cells.
+            write_csv(&csv_path, &cells, n)?;
+        }
+    }
+    bar.finish_and_clear();
+    write_plot(&png_path, &cells, &etas, evaluator.has_features())?;
+
+    say!(
+        "DDIM samples of {} against {} ({n} samples per cell, seed {}, k = {}):",
+        model.source,
+        real.source,
+        args.seed,
+        args.k
+    );
+    for metric in METRICS.iter() {
+        if cells.iter().any(|c| (metric.get)(&c.scores).is_some()) {
+            say!("\n{}", table(metric, &cells, &etas, &steps));
+        }
+    }
+    eprintln!(
+        "wrote {}, {} and {} sample grids in {:.1} s",
+        csv_path.display(),
+        png_path.display(),
+        cells.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The step counts (ascending, without repeats) and etas (likewise) after checking them.
+fn check_grid(args: &EvalArgs) -> Result<(Vec<usize>, Vec<f64>)> {
+    if args.steps.is_empty() || args.eta.is_empty() {
+        return Err(usage(
+            "--steps and --eta each need at least one value (e.g. --steps 10,50 --eta 0,1)".into(),
+        ));
+    }
+    if let Some(&s) = args.steps.iter().find(|&&s| s == 0) {
+        return Err(usage(format!(
+            "--steps {s}: each step count must be at least 1 (e.g. --steps 10,20,50,100,1000)"
+        )));
+    }
+    if let Some(&e) = args.eta.iter().find(|e| !(e.is_finite() && **e >= 0.0)) {
+        return Err(usage(format!(
+            "--eta {e}: each eta must be a finite number >= 0 (0 is deterministic DDIM, 1 has \
+             DDPM's variance)"
+        )));
+    }
+    let min_n = (args.k + 1).max(2);
+    if args.num_samples < min_n {
+        return Err(usage(format!(
+            "--num-samples {}: at least {min_n} images per cell are needed (a covariance needs \
+             2, precision/recall with k = {} need k + 1); the paper's tables use thousands",
+            args.num_samples, args.k
+        )));
+    }
+    if args.k == 0 {
+        return Err(usage(
+            "--k 0: precision and recall need at least 1 neighbour".into(),
+        ));
+    }
+    if args.batch_size == 0 {
+        return Err(usage("--batch-size 0: must be at least 1".into()));
+    }
+    let mut steps = args.steps.clone();
+    steps.sort_unstable();
+    steps.dedup();
+    let mut etas = args.eta.clone();
+    etas.sort_by(f64::total_cmp);
+    etas.dedup();
+    Ok((steps, etas))
+}
+
+/// The real set, checked against the model's images.
+fn open_real(spec: &str, channels: usize, size: usize) -> Result<Dataset> {
+    let folder = Path::new(spec);
+    if BUILTIN_DATASETS.contains(&spec) && !folder.is_dir() {
+        let set = Dataset::builtin(spec, None, Fit::Crop)?;
+        if set.channels != channels || set.size != size {
+            return Err(usage(format!(
+                "--data {spec}: holds {}×{}×{} images, but the model makes {channels}×{size}×{size} \
+                 images; evaluate a model trained on {spec} at its own size, or give --data a \
+                 folder of {channels}-channel {size}×{size} images",
+                set.channels, set.size, set.size
+            )));
+        }
+        return Ok(set);
+    }
+    if !folder.is_dir() {
+        return Err(usage(format!(
+            "--data {spec}: neither a built-in set ({}) nor a folder of images",
+            BUILTIN_DATASETS.join(", ")
+        )));
+    }
+    // The images must already be of the model's size: resizing would change the statistics.
+    for path in ddim::train::data::image_files(folder)? {
+        if let Ok((w, h)) = image::image_dimensions(&path) {
+            if (w as usize, h as usize) != (size, size) {
+                return Err(usage(format!(
+                    "--data {spec}: {} is {w}×{h} pixels, but the model makes {size}×{size} \
+                     images; give a folder of {size}×{size} images",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let set = Dataset::from_folder(folder, size, None, Fit::Crop)?;
+    for (path, why) in &set.skipped {
+        eprintln!("warning: skipping {}: {why}", path.display());
+    }
+    if set.channels != channels {
+        let kind = |c: usize| if c == 1 { "grayscale" } else { "RGB" };
+        return Err(usage(format!(
+            "--data {spec}: the images are {} ({} channel(s)), but the model makes {} images \
+             ({channels} channel(s)); give a folder of {} images",
+            kind(set.channels),
+            set.channels,
+            kind(channels),
+            kind(channels)
+        )));
+    }
+    if set.len < 2 {
+        return Err(usage(format!(
+            "--data {spec}: {} readable image(s); a covariance needs at least 2",
+            set.len
+        )));
+    }
+    Ok(set)
+}
+
+fn progress(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} image-steps ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn grid_name(eta: f64, steps: usize) -> String {
+    format!("samples_eta{eta}_steps{steps}.png")
+}
+
+/// The first batch's first 64 images as a grid.
+fn save_grid(x0: &candle_core::Tensor, path: &Path) -> Result<()> {
+    let k = x0.dim(0)?.min(64);
+    let images = image_io::to_images(&x0.narrow(0, 0, k)?)?;
+    let scale = if x0.dim(2)? < 32 { 2 } else { 1 };
+    let images = images
+        .iter()
+        .map(|img| image_io::upscale_nearest(img, scale))
+        .collect::<ddim::Result<Vec<_>>>()?;
+    image_io::save_png(&image_io::make_grid(&images, None, 2)?, path)?;
+    Ok(())
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(String::new, |v| format!("{v:.digits$}"))
+}
+
+fn cell_line(eta: f64, steps: usize, s: &Scores, seconds: f64, scoring: f64) -> String {
+    let mut line = format!(
+        "eta {eta:<4} steps {steps:<5} FD(pixels) {:>9.3}",
+        s.fd_pixels
+    );
+    if let (Some(fd), Some(p), Some(r)) = (s.fd_features, s.precision, s.recall) {
+        let _ = write!(
+            line,
+            "  FD(classifier) {fd:>8.3}  precision {p:.3}  recall {r:.3}"
+        );
+    }
+    let _ = write!(
+        line,
+        "  (sampled in {seconds:.1} s, scored in {scoring:.1} s)"
+    );
+    line
+}
+
+/// One metric as a table: a row per eta, a column per step count.
+fn table(metric: &Metric, cells: &[Cell], etas: &[f64], steps: &[usize]) -> String {
+    let width = 10;
+    let mut out = format!("{}\n{:<12}", metric.title, "eta \\ steps");
+    for s in steps {
+        let _ = write!(out, "{s:>width$}");
+    }
+    for &eta in etas {
+        let _ = write!(out, "\n{:<12}", eta);
+        for &s in steps {
+            let v = cells
+                .iter()
+                .find(|c| c.eta == eta && c.steps == s)
+                .and_then(|c| (metric.get)(&c.scores));
+            let _ = write!(out, "{:>width$}", fmt(v, metric.digits));
+        }
+    }
+    out
+}
+
+fn write_csv(path: &Path, cells: &[Cell], n: usize) -> Result<()> {
+    let mut text = String::from("eta,steps,num_samples");
+    for m in METRICS.iter() {
+        text.push(',');
+        text.push_str(m.column);
+    }
+    text.push_str(",sampling_seconds\n");
+    for c in cells {
+        let _ = write!(text, "{},{},{n}", c.eta, c.steps);
+        for m in METRICS.iter() {
+            // full precision in the file; empty where a metric does not apply
+            let _ = write!(
+                text,
+                ",{}",
+                (m.get)(&c.scores).map_or(String::new(), |v| v.to_string())
+            );
+        }
+        let _ = writeln!(text, ",{:.3}", c.seconds);
+    }
+    ddim::npy::write_atomically(path, |w| w.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Each metric against steps (log x), one line per eta.
+fn write_plot(path: &Path, cells: &[Cell], etas: &[f64], features: bool) -> Result<()> {
+    let shown: &[usize] = if features { &[0, 1, 2, 3] } else { &[0] };
+    let charts: Vec<LineChart> = shown
+        .iter()
+        .map(|&i| {
+            let m = &METRICS[i];
+            LineChart {
+                title: m.title.to_string(),
+                x_label: "DDIM steps".into(),
+                y_label: m.column.to_string(),
+                log_x: true,
+                series: etas
+                    .iter()
+                    .map(|&eta| Series {
+                        name: format!("eta = {eta}"),
+                        points: cells
+                            .iter()
+                            .filter(|c| c.eta == eta)
+                            .filter_map(|c| Some((c.steps as f64, (m.get)(&c.scores)?)))
+                            .collect(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    if let [one] = charts.as_slice() {
+        plot::save_line_chart(path, one, (720, 480))
+    } else {
+        plot::save_panels(path, &charts, 2, (720, 480))
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(fd: f64) -> Scores {
+        Scores {
+            fd_pixels: fd,
+            fd_features: None,
+            precision: None,
+            recall: None,
+            class_entropy: None,
+            top_class_share: None,
+        }
+    }
+
+    #[test]
+    fn tables_have_a_row_per_eta_and_a_column_per_step_count() {
+        let cells = vec![
+            Cell {
+                eta: 0.0,
+                steps: 10,
+                scores: scores(1.5),
+                seconds: 1.0,
+            },
+            Cell {
+                eta: 0.0,
+                steps: 20,
+                scores: scores(1.25),
+                seconds: 1.0,
+            },
+            Cell {
+                eta: 1.0,
+                steps: 10,
+                scores: scores(3.0),
+                seconds: 1.0,
+            },
+        ];
+        let t = table(&METRICS[0], &cells, &[0.0, 1.0], &[10, 20]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[1].ends_with("10        20"), "{t}");
+        assert!(
+            lines[2].starts_with('0') && lines[2].ends_with("1.500     1.250"),
+            "{t}"
+        );
+        // a missing cell is blank
+        assert!(
+            lines[3].starts_with('1') && lines[3].trim_end().ends_with("3.000"),
+            "{t}"
+        );
+    }
+}
