@@ -483,6 +483,7 @@ fn write_plot(path: &Path, cells: &[Cell], etas: &[f64], features: bool) -> Resu
                 x_label: "DDIM steps".into(),
                 y_label: m.column.to_string(),
                 log_x: true,
+                log_y: false,
                 series: etas
                     .iter()
                     .map(|&eta| Series {

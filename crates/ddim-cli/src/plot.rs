@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::combinators::{LogCoord, WithKeyPoints};
 use plotters::coord::ranged1d::ValueFormatter;
-use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 /// Printable ASCII of DejaVu Sans; see `assets/fonts/LICENSE-DejaVu.txt`.
@@ -50,6 +50,8 @@ pub struct LineChart {
     pub y_label: String,
     /// A logarithmic x axis.
     pub log_x: bool,
+    /// A logarithmic y axis.
+    pub log_y: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -120,7 +122,12 @@ fn draw_chart(area: &Area<'_>, chart: &LineChart) -> Result<()> {
             s.points
                 .iter()
                 .copied()
-                .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!chart.log_x || x > 0.0))
+                .filter(|&(x, y)| {
+                    x.is_finite()
+                        && y.is_finite()
+                        && (!chart.log_x || x > 0.0)
+                        && (!chart.log_y || y > 0.0)
+                })
                 .collect()
         })
         .collect();
@@ -137,50 +144,77 @@ fn draw_chart(area: &Area<'_>, chart: &LineChart) -> Result<()> {
             .map_err(draw_error)?;
         return Ok(());
     };
-    let y = span(all().map(|p| p.1)).unwrap_or((0.0, 1.0));
+    let y = span(all().map(|p| p.1)).unwrap_or((1.0, 1.0));
     let (x0, x1) = if chart.log_x {
         widen_log(x)
     } else {
         widen(x, 0.0)
     };
-    let (y0, y1) = widen(y, 0.05);
     // Headroom above the lines for the legend in the upper right corner.
-    let legend_rows = chart.series.iter().filter(|s| !s.name.is_empty()).count();
-    let y1 = y1 + (y1 - y0) * 0.07 * legend_rows as f64;
+    let legend_rows = chart.series.iter().filter(|s| !s.name.is_empty()).count() as f64;
+    let (y0, y1) = if chart.log_y {
+        let (y0, y1) = widen_log(y);
+        (y0, y1 * (y1 / y0).powf(0.07 * legend_rows))
+    } else {
+        let (y0, y1) = widen(y, 0.05);
+        (y0, y1 + (y1 - y0) * 0.07 * legend_rows)
+    };
     let mut builder = ChartBuilder::on(area);
     builder
         .caption(&chart.title, (FAMILY, 20))
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(64);
-    if chart.log_x {
-        let ticks = log_ticks(x0, x1);
-        if ticks.len() >= 2 {
-            let mut c = builder
-                .build_cartesian_2d((x0..x1).log_scale().with_key_points(ticks), y0..y1)
-                .map_err(draw_error)?;
-            draw_lines(&mut c, chart, &lines)
-        } else {
-            let mut c = builder
-                .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
-                .map_err(draw_error)?;
-            draw_lines(&mut c, chart, &lines)
-        }
-    } else {
-        let mut c = builder
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(draw_error)?;
-        draw_lines(&mut c, chart, &lines)
+    match (chart.log_x, chart.log_y) {
+        (false, false) => draw_lines(
+            &mut builder
+                .build_cartesian_2d(x0..x1, y0..y1)
+                .map_err(draw_error)?,
+            chart,
+            &lines,
+        ),
+        (true, false) => draw_lines(
+            &mut builder
+                .build_cartesian_2d(log_axis(x0, x1), y0..y1)
+                .map_err(draw_error)?,
+            chart,
+            &lines,
+        ),
+        (false, true) => draw_lines(
+            &mut builder
+                .build_cartesian_2d(x0..x1, log_axis(y0, y1))
+                .map_err(draw_error)?,
+            chart,
+            &lines,
+        ),
+        (true, true) => draw_lines(
+            &mut builder
+                .build_cartesian_2d(log_axis(x0, x1), log_axis(y0, y1))
+                .map_err(draw_error)?,
+            chart,
+            &lines,
+        ),
     }
 }
 
-fn draw_lines<'a, X>(
-    c: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, RangedCoordf64>>,
+/// A log axis over [lo, hi] (lo > 0) with ticks at 1, 2 and 5 times powers of ten, or at its
+/// ends when fewer than two of those fall inside.
+fn log_axis(lo: f64, hi: f64) -> WithKeyPoints<LogCoord<f64>> {
+    let mut ticks = log_ticks(lo, hi);
+    if ticks.len() < 2 {
+        ticks = vec![lo, hi];
+    }
+    (lo..hi).log_scale().with_key_points(ticks)
+}
+
+fn draw_lines<'a, X, Y>(
+    c: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
     chart: &LineChart,
     lines: &[Vec<(f64, f64)>],
 ) -> Result<()>
 where
     X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
     c.configure_mesh()
         .x_desc(chart.x_label.as_str())
@@ -282,6 +316,7 @@ mod tests {
             x_label: "steps".into(),
             y_label: "FD".into(),
             log_x,
+            log_y: false,
             series,
         }
     }
@@ -324,12 +359,16 @@ mod tests {
                     points: vec![(0.0, 1.0)],
                 }],
             ),
-            chart(false, lines),
+            chart(false, lines.clone()),
+            LineChart {
+                log_y: true,
+                ..chart(true, lines)
+            },
         ];
         let path = dir.join("b.png");
         save_panels(&path, &degenerate, 2, (300, 200)).unwrap();
         let img = image::open(&path).unwrap();
-        assert_eq!((img.width(), img.height()), (600, 400));
+        assert_eq!((img.width(), img.height()), (600, 600));
         assert!(save_panels(&path, &[], 2, (300, 200)).is_err());
         assert!(save_panels(&path, &degenerate, 2, (10, 200)).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -17,6 +17,7 @@ use ddim::unet::UNet2DConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, DeviceArg};
+use crate::plot::{self, LineChart, Series};
 use crate::UsageError;
 
 #[derive(Args, Debug)]
@@ -414,7 +415,42 @@ fn progress(total: u64, done: u64, quiet: bool) -> ProgressBar {
 fn save(trainer: &Trainer, dir: &Path) -> Result<()> {
     train::save_pipeline(trainer, dir)
         .and_then(|()| train::save_state(trainer, dir))
-        .with_context(|| format!("saving the checkpoint to {}", dir.display()))
+        .with_context(|| format!("saving the checkpoint to {}", dir.display()))?;
+    save_loss_curve(trainer.losses(), &dir.join(LOSS_CURVE))
+}
+
+/// The loss curve beside each checkpoint.
+const LOSS_CURVE: &str = "loss.png";
+
+/// The loss of every step so far as a PNG: the mean of each block of steps (at most about 500
+/// points, so the curve stays readable) on a log axis.
+fn save_loss_curve(losses: &[f32], path: &Path) -> Result<()> {
+    let block = losses.len().div_ceil(500).max(1);
+    let points = losses
+        .chunks(block)
+        .enumerate()
+        .map(|(i, c)| {
+            let mean = c.iter().map(|&l| l as f64).sum::<f64>() / c.len() as f64;
+            ((i * block + c.len()) as f64, mean)
+        })
+        .collect();
+    let chart = LineChart {
+        title: format!("training loss, steps 1 to {}", losses.len()),
+        x_label: "step".into(),
+        y_label: if block == 1 {
+            "loss".into()
+        } else {
+            format!("loss, mean of {block} steps")
+        },
+        log_x: false,
+        log_y: true,
+        series: vec![Series {
+            name: String::new(),
+            points,
+        }],
+    };
+    plot::save_line_chart(path, &chart, (800, 450))
+        .with_context(|| format!("drawing the loss curve {}", path.display()))
 }
 
 /// 16 samples of the EMA model (DDIM, 50 steps, seed 0) as `samples/step_XXXXXX.png`.

@@ -898,6 +898,8 @@ fn train_saves_a_diffusers_folder_resumes_and_never_clobbers() {
     ] {
         assert!(a.join(f).is_file(), "{f}");
     }
+    let curve = image::open(a.join("loss.png")).unwrap();
+    assert_eq!((curve.width(), curve.height()), (800, 450));
 
     // the same command again would overwrite the run: refused
     let o = train_cmd(&a, &["--steps", "4"]).output().unwrap();
@@ -1317,4 +1319,6 @@ fn eval_rejects_bad_input_with_exit_code_2() {
     let big = image_folder("eval-bad-big", 3, 16, 3);
     check(&["--data", big.to_str().unwrap()], &["16×16", "8×8"]);
     check(&["--model", "/definitely/not/a/model"], &["not/a/model"]);
+    let _ = std::fs::remove_dir_all(&gray);
+    let _ = std::fs::remove_dir_all(&big);
 }
