@@ -135,6 +135,14 @@ pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<
     let dir = model_dir(spec, args.quiet)?;
     let loaded = load_unet(&dir, DType::F32, &device)
         .with_context(|| format!("loading the UNet from {}", dir.display()))?;
+    if let Some(first) = loaded.non_finite_tensors.first() {
+        eprintln!(
+            "warning: {}: {} tensor(s) hold NaN or infinite values (first: `{first}`); samples \
+             will be NaN",
+            loaded.files.weights.path().display(),
+            loaded.non_finite_tensors.len()
+        );
+    }
     for key in &loaded.unknown_config_keys {
         eprintln!(
             "warning: {}: unknown key `{key}` ignored",

@@ -101,6 +101,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                     | ddim::Error::Json { .. }
                     | ddim::Error::ModelFileNotFound { .. }
                     | ddim::Error::WeightMismatch { .. }
+                    | ddim::Error::BadWeights { .. }
                     | ddim::Error::Npy { .. }
                     | ddim::Error::Image { .. }
                     | ddim::Error::ModelNotFound { .. }

@@ -76,6 +76,16 @@ pub enum Error {
         problems: Vec<WeightProblem>,
     },
 
+    /// A weights file that cannot be read as one: truncated, a malformed header, offsets past
+    /// its end, or a PyTorch pickle holding more than tensors.
+    #[error("{}: not a usable weights file: {reason}", path.display())]
+    BadWeights {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A NumPy `.npy` file that is malformed, truncated, or holds values that do not fit f32.
     #[error("{}: {reason}", path.display())]
     Npy {

@@ -27,6 +27,7 @@ pub mod loader;
 pub mod npy;
 pub mod ops;
 pub mod pipeline;
+pub mod pth;
 pub mod rng;
 pub mod schedule;
 pub mod scheduler;

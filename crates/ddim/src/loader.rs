@@ -189,6 +189,9 @@ pub struct LoadedUNet {
     pub unknown_config_keys: Vec<String>,
     /// Where the config, weights and scheduler config were found.
     pub files: UNetFiles,
+    /// Weights holding NaN or infinite values (for a warning: such a model samples NaN), in the
+    /// order the model asked for them.
+    pub non_finite_tensors: Vec<String>,
 }
 
 impl LoadedUNet {
@@ -217,19 +220,23 @@ impl LoadedUNet {
 pub fn load_unet(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedUNet> {
     let files = find_unet_files(dir)?;
     let (config, unknown_config_keys) = UNet2DConfig::from_file(&files.config)?;
-    let model = load_unet_weights(&config, &files.weights, dtype, device)?;
+    let store = open_store(&files.weights)?;
+    let (model, non_finite_tensors) =
+        build_checked(&config, store, files.weights.path(), dtype, device)?;
     Ok(LoadedUNet {
         config,
         model,
         unknown_config_keys,
         files,
+        non_finite_tensors,
     })
 }
 
 /// Builds a [`UNet2DModel`] for `config` from `weights`, checking that every tensor the config
 /// needs is there with the right shape and that the file holds no other tensor. Legacy attention
 /// names (`query`, `key`, `value`, `proj_attn`) are read as `to_q`, `to_k`, `to_v`, `to_out.0`.
-/// Weights stored in another float dtype are converted to `dtype`.
+/// Weights stored in another float dtype are converted to `dtype`. ([`load_unet`] also reports
+/// weights that hold NaN or infinite values.)
 pub fn load_unet_weights(
     config: &UNet2DConfig,
     weights: &WeightFiles,
@@ -237,36 +244,60 @@ pub fn load_unet_weights(
     device: &Device,
 ) -> Result<UNet2DModel> {
     let store = open_store(weights)?;
-    build_checked(config, store, weights.path(), dtype, device)
+    Ok(build_checked(config, store, weights.path(), dtype, device)?.0)
 }
 
 fn open_store(weights: &WeightFiles) -> Result<Store> {
+    let path = weights.path();
     Ok(match weights {
         // SAFETY: the file is mapped read-only and only while the tensors are read (`load`
         // copies each tensor out of the mapping); as with any mmap, the file must not be
         // truncated or rewritten by another process during that time.
-        WeightFiles::Safetensors(path) => {
-            Store::Safetensors(unsafe { MmapedSafetensors::new(path)? })
-        }
+        WeightFiles::Safetensors(_) => Store::Safetensors(
+            unsafe { MmapedSafetensors::new(path) }.map_err(|e| bad_weights(path, e))?,
+        ),
         // SAFETY: as above, for every shard.
-        WeightFiles::ShardedSafetensors { shards, .. } => {
-            Store::Safetensors(unsafe { MmapedSafetensors::multi(shards)? })
-        }
-        WeightFiles::PyTorch(path) => {
-            Store::PyTorch(PthTensors::new(path, None).map_err(|e| e.with_path(path))?)
+        WeightFiles::ShardedSafetensors { shards, .. } => Store::Safetensors(
+            unsafe { MmapedSafetensors::multi(shards) }.map_err(|e| bad_weights(path, e))?,
+        ),
+        WeightFiles::PyTorch(_) => {
+            crate::pth::check_pth(path)?;
+            Store::PyTorch(PthTensors::new(path, None).map_err(|e| bad_weights(path, e))?)
         }
     })
 }
 
+/// A candle error from opening a weights file as [`Error::BadWeights`], naming the file candle
+/// names (a shard) or `path`, without candle's path prefix and backtrace.
+fn bad_weights(path: &Path, mut e: candle_core::Error) -> Error {
+    let mut path = path.to_path_buf();
+    loop {
+        e = match e {
+            candle_core::Error::WithPath { inner, path: p } => {
+                path = p;
+                *inner
+            }
+            candle_core::Error::WithBacktrace { inner, .. } => *inner,
+            candle_core::Error::Io(source) => return Error::Io { path, source },
+            other => {
+                return Error::BadWeights {
+                    path,
+                    reason: other.to_string(),
+                }
+            }
+        }
+    }
+}
+
 /// Builds the model from `store`, listing every missing, unexpected or misshapen tensor (named
-/// after `path`) in one error.
+/// after `path`) in one error; also returns the names of tensors holding NaN or infinities.
 fn build_checked(
     config: &UNet2DConfig,
     store: Store,
     path: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<UNet2DModel> {
+) -> Result<(UNet2DModel, Vec<String>)> {
     let checked = CheckedStore::new(store)?;
     let log = checked.log.clone();
     let stored = checked.tensors.clone();
@@ -291,7 +322,7 @@ fn build_checked(
             problems,
         });
     }
-    model
+    Ok((model?, log.non_finite.clone()))
 }
 
 /// Builds a [`UNet2DModel`] from a config JSON text and the bytes of a safetensors file held in
@@ -306,7 +337,7 @@ pub fn load_unet_from_bytes(
 ) -> Result<(UNet2DConfig, UNet2DModel)> {
     let (config, _) = UNet2DConfig::from_json_str(config_json)?;
     let store = Store::Buffered(BufferedSafetensors::new(weights)?);
-    let model = build_checked(&config, store, Path::new(name), dtype, device)?;
+    let (model, _) = build_checked(&config, store, Path::new(name), dtype, device)?;
     Ok((config, model))
 }
 
@@ -449,6 +480,8 @@ struct Log {
     used: HashSet<String>,
     /// Missing tensors and wrong shapes, in the order the model asked for them.
     problems: Vec<WeightProblem>,
+    /// Tensors holding NaN or infinite values.
+    non_finite: Vec<String>,
 }
 
 /// A `VarBuilder` backend that serves diffusers names from a [`Store`] and records, instead of
@@ -526,7 +559,18 @@ impl SimpleBackend for CheckedStore {
                 return Tensor::zeros(s, dtype, dev);
             }
         }
-        self.get_unchecked(name, dtype, dev)
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        // One pass: a sum is finite exactly when no value is NaN or infinite (a float32 sum of
+        // finite weights does not overflow).
+        let sum = tensor.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            self.log
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("weight loading log poisoned".into()))?
+                .non_finite
+                .push(name.to_string());
+        }
+        Ok(tensor)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
