@@ -21,6 +21,8 @@
 
 pub mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod image_io;
 pub mod loader;

@@ -336,7 +336,9 @@ pub fn load_unet_from_bytes(
     device: &Device,
 ) -> Result<(UNet2DConfig, UNet2DModel)> {
     let (config, _) = UNet2DConfig::from_json_str(config_json)?;
-    let store = Store::Buffered(BufferedSafetensors::new(weights)?);
+    let store = Store::Buffered(
+        BufferedSafetensors::new(weights).map_err(|e| bad_weights(Path::new(name), e))?,
+    );
     let (model, _) = build_checked(&config, store, Path::new(name), dtype, device)?;
     Ok((config, model))
 }
@@ -555,8 +557,10 @@ impl SimpleBackend for CheckedStore {
             }
             if let Some(problem) = problem {
                 log.problems.push(problem);
-                // A placeholder so the model can finish building and every problem gets listed.
-                return Tensor::zeros(s, dtype, dev);
+                // A placeholder so the model can finish building and every problem gets listed:
+                // one zero broadcast to the shape, so a config asking for huge tensors allocates
+                // nothing.
+                return Tensor::zeros((), dtype, dev)?.broadcast_as(s);
             }
         }
         let tensor = self.get_unchecked(name, dtype, dev)?;

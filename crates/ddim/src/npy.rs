@@ -95,6 +95,11 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
     read_npy_from(&mut file, file_len, path)
 }
 
+/// Reads a `.npy` file held in memory (see [`read_npy`]); `name` stands for it in messages.
+pub fn read_npy_bytes(bytes: &[u8], name: &Path) -> Result<NpyArray> {
+    read_npy_from(&mut std::io::Cursor::new(bytes), bytes.len() as u64, name)
+}
+
 /// Reads a `.npy` file (see [`read_npy`]) into an f32 tensor of the file's shape on `device`.
 ///
 /// ```

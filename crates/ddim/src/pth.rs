@@ -75,6 +75,12 @@ pub fn check_pth(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks one pickle held in memory the way [`check_pth`] checks each `data.pkl`; the reason
+/// when it is refused.
+pub fn check_pickle_bytes(bytes: &[u8]) -> std::result::Result<(), String> {
+    check_pickle(&mut std::io::Cursor::new(bytes))
+}
+
 /// One stack entry: how many objects it holds, or a mark.
 #[derive(Clone, Copy, PartialEq)]
 enum Slot {

@@ -327,13 +327,7 @@ impl SchedulerConfig {
             .or_else(|| obj.get("timesteps"))
         {
             cfg.num_train_timesteps = get_usize("num_train_timesteps", v)?;
-            if cfg.num_train_timesteps == 0 {
-                return Err(Error::config(
-                    "num_train_timesteps",
-                    0,
-                    "must be at least 1",
-                ));
-            }
+            check_train_timesteps(cfg.num_train_timesteps)?;
         }
         for (key, v) in obj {
             match key.as_str() {
@@ -394,13 +388,7 @@ impl SchedulerConfig {
 
     /// Checks the values that do not depend on the number of inference steps.
     pub fn validate(&self) -> Result<()> {
-        if self.num_train_timesteps == 0 {
-            return Err(Error::config(
-                "num_train_timesteps",
-                0,
-                "must be at least 1",
-            ));
-        }
+        check_train_timesteps(self.num_train_timesteps)?;
         if !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
             return Err(Error::config(
                 "clip_sample_range",
@@ -533,4 +521,20 @@ fn get_usize(key: &str, v: &Value) -> Result<usize> {
         _ => None,
     }
     .ok_or_else(|| Error::config(key, short(v), "a non-negative integer is expected"))
+}
+
+/// The most training timesteps a config may have: diffusers' models use 1,000 to 4,000; the
+/// bound keeps a hostile config from asking for gigabytes of noise tables.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
+fn check_train_timesteps(n: usize) -> Result<()> {
+    if (1..=MAX_TRAIN_TIMESTEPS).contains(&n) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "num_train_timesteps",
+            n,
+            format!("must be 1 to {MAX_TRAIN_TIMESTEPS}"),
+        ))
+    }
 }
