@@ -4,7 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-const TARGETS: [(&str, fn(&[u8])); 5] = [
+/// A target's name and its entry point.
+type Target = (&'static str, fn(&[u8]));
+
+const TARGETS: [Target; 5] = [
     ("scheduler_config", ddim::fuzzing::scheduler_config),
     ("unet_config", ddim::fuzzing::unet_config),
     ("safetensors", ddim::fuzzing::safetensors),
