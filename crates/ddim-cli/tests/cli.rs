@@ -623,6 +623,33 @@ fn count_pngs(dir: &std::path::Path) -> usize {
     })
 }
 
+/// Starts `cmd` and waits until `ready()` holds, the child has exited, or `secs` have passed;
+/// returns the running (or finished) child.
+fn spawn_until(
+    cmd: &mut Command,
+    stderr: std::process::Stdio,
+    secs: u64,
+    ready: impl Fn() -> bool,
+) -> std::process::Child {
+    let mut child = cmd.stderr(stderr).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ready() && child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}
+
+/// Sends SIGINT (what Ctrl-C sends) to `child` and collects its output.
+#[cfg(unix)]
+fn interrupt(child: std::process::Child) -> Output {
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn sample_resumes_after_a_kill_with_the_same_files() {
     let dir = tmp("resume");
@@ -638,17 +665,9 @@ fn sample_resumes_after_a_kill_with_the_same_files() {
 
     // Kill a run once it has written some images (SIGKILL: no cleanup runs). Whether the kill
     // lands mid-run is a matter of timing; the checks below hold either way.
-    let mut child = cmd(&run)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while count_pngs(&run) == 0
-        && child.try_wait().unwrap().is_none()
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    let mut child = spawn_until(&mut cmd(&run), std::process::Stdio::null(), 120, || {
+        count_pngs(&run) > 0
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     let done = count_pngs(&run);
@@ -808,24 +827,13 @@ fn sample_rejects_bad_shards_with_exit_code_2() {
 fn sample_exits_with_130_on_ctrl_c() {
     let dir = tmp("ctrl-c");
     let out = dir.join("o");
-    let mut child = sample_cmd(&["-n", "400", "--batch-size", "4", "--steps", "20", "-o"])
-        .arg(&out)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while count_pngs(&out) == 0
-        && child.try_wait().unwrap().is_none()
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let r = child.wait_with_output().unwrap();
+    let child = spawn_until(
+        sample_cmd(&["-n", "400", "--batch-size", "4", "--steps", "20", "-o"]).arg(&out),
+        std::process::Stdio::piped(),
+        120,
+        || count_pngs(&out) > 0,
+    );
+    let r = interrupt(child);
     if r.status.code() != Some(0) {
         // (0 only if the run finished before the signal came.)
         assert_eq!(r.status.code(), Some(130), "{}", stderr(&r));
@@ -1002,24 +1010,14 @@ fn train_ctrl_c_saves_and_the_resumed_run_matches() {
     let dir = tmp("train-ctrl-c");
     let (a, b) = (dir.join("a"), dir.join("b"));
     let steps = "40";
-    let mut child = train_cmd(&a, &["--steps", steps, "--save-every", "1"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for the first checkpoint: the Ctrl-C handler is installed by then.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    while !a.join("training_state.safetensors").exists()
-        && child.try_wait().unwrap().is_none()
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let r = child.wait_with_output().unwrap();
+    let child = spawn_until(
+        &mut train_cmd(&a, &["--steps", steps, "--save-every", "1"]),
+        std::process::Stdio::piped(),
+        300,
+        || a.join("training_state.safetensors").exists(),
+    );
+    let r = interrupt(child);
     if r.status.code() != Some(0) {
         // (0 only if the run finished before the signal came.)
         assert_eq!(r.status.code(), Some(130), "{}", stderr(&r));
@@ -1565,6 +1563,7 @@ fn non_finite_weights_warn_and_float64_noise_converts_when_exact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[cfg(unix)]
 #[test]
 fn unwritable_outputs_and_a_full_disk_keep_what_was_there() {
     let dir = tmp("unwritable");
