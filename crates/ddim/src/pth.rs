@@ -248,6 +248,13 @@ fn check_pickle<R: BufRead>(r: &mut R) -> std::result::Result<(), String> {
             }
             0x8a => {
                 let [len] = w.bytes::<1>()?;
+                // candle decodes LONG1 into an i64 (and overflows on more bytes); torch writes
+                // only small integers this way
+                if len > 8 {
+                    return Err(format!(
+                        "a LONG1 integer of {len} bytes (at most 8 are read)"
+                    ));
+                }
                 w.skip(len as u64)?;
                 w.push(1)?;
             }
@@ -370,14 +377,15 @@ mod tests {
         let e = check(b"\x80\x02X\xff\xff\xff\xff.").unwrap_err();
         assert!(e.contains("bytes"), "{e}");
         for bad in [
-            &b"\x80\x02"[..],  // no STOP
-            b"\x80\x02R.",     // reduce on an empty stack
-            b"\x80\x02h\x05.", // memo read before write
-            b"\x80\x02(.",     // a mark left over
-            b"\x80\x02NN.",    // two objects left
-            b"\x80\x02\xff.",  // unknown opcode
-            b"\x80\x02cposix", // unterminated global
-            b"\x80\x02u.",     // setitems without a mark
+            &b"\x80\x02"[..],                                         // no STOP
+            b"\x80\x02R.",                                            // reduce on an empty stack
+            b"\x80\x02h\x05.",                                        // memo read before write
+            b"\x80\x02(.",                                            // a mark left over
+            b"\x80\x02NN.",                                           // two objects left
+            b"\x80\x02\xff.",                                         // unknown opcode
+            b"\x80\x02cposix",                                        // unterminated global
+            b"\x80\x02u.",                                            // setitems without a mark
+            b"\x80\x02\x8a\x09\x01\x02\x03\x04\x05\x06\x07\x08\x09.", // a 9-byte LONG1
         ] {
             assert!(check(bad).is_err(), "{bad:?}");
         }

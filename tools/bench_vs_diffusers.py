@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""DDIM sampling speed and memory, ddim against diffusers (and ONNX Runtime), side by side.
+
+One UNet of a hub config (random weights, made once by diffusers and saved as a pipeline folder
+that both sides load), one DDIM run per implementation and batch size, each in its own process so
+that its peak RSS is its own, model load included, the same number of threads:
+
+    python tools/bench_vs_diffusers.py --threads 2 --batch 1,16 --steps 10
+
+- ddim: `target/release/ddim sample` (build it first: `cargo build --release`), with
+  RAYON_NUM_THREADS set to --threads.
+- diffusers: `DDIMPipeline.from_pretrained(...)(batch_size=B, num_inference_steps=S)` with
+  torch.set_num_threads(--threads).
+- ONNX Runtime (with --onnx; needs `pip install onnxruntime onnx`): the UNet exported by
+  torch.onnx, run in an InferenceSession (intra-op threads = --threads) inside diffusers'
+  DDIMScheduler loop.
+
+Prints a table: wall time, image-steps per second, GFLOP/s (the UNet's FLOPs per image-step
+counted by torch's FlopCounterMode), peak RSS, and each speed as a ratio of diffusers'. Run it on
+a quiet machine: nothing else may compete for the cores. Needs torch and diffusers in a
+virtualenv outside the repository.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(
+    ROOT, "crates", "ddim", "tests", "fixtures", "hub-configs", "google--ddpm-cifar10-32")
+
+
+def make_model(config_dir, out):
+    """A pipeline folder with the config's UNet (random weights, seed 0) and a DDIM scheduler."""
+    import torch
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    with open(os.path.join(config_dir, "config.json")) as f:
+        unet = UNet2DModel.from_config(json.load(f))
+    with open(os.path.join(config_dir, "scheduler_config.json")) as f:
+        scheduler = DDIMScheduler.from_config(json.load(f))
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    return unet
+
+
+def gflop_per_image_step(unet):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = unet.config.in_channels
+    s = unet.config.sample_size
+    s = s if isinstance(s, int) else s[0]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, c, s, s), torch.tensor([10]))
+    return counter.get_total_flops() / 1e9
+
+
+def run_child(cmd, env=None):
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            if env is not None:
+                os.execvpe(cmd[0], cmd, env)
+            os.execvp(cmd[0], cmd)
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"{' '.join(cmd)} failed (status {status})")
+    return wall, usage.ru_maxrss / 1024
+
+
+def diffusers_worker(args):
+    import torch
+    from diffusers import DDIMPipeline
+
+    torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        pipe = DDIMPipeline.from_pretrained(args.worker_model)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(batch_size=args.worker_batch, num_inference_steps=args.steps,
+             generator=torch.manual_seed(0), output_type="np")
+
+
+def onnx_worker(args):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import DDIMScheduler
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(os.path.join(args.worker_model, "unet.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+    scheduler = DDIMScheduler.from_pretrained(args.worker_model, subfolder="scheduler")
+    scheduler.set_timesteps(args.steps)
+    with open(os.path.join(args.worker_model, "unet", "config.json")) as f:
+        cfg = json.load(f)
+    s = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+    x = torch.randn(args.worker_batch, cfg["in_channels"], s, s, generator=torch.manual_seed(0))
+    for t in scheduler.timesteps:
+        eps = session.run(None, {"sample": x.numpy(),
+                                 "timestep": np.full((args.worker_batch,), int(t), np.int64)})[0]
+        x = scheduler.step(torch.from_numpy(eps), t, x).prev_sample
+
+
+def export_onnx(model_dir):
+    import torch
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(os.path.join(model_dir, "unet")).eval()
+    c = unet.config.in_channels
+    s = unet.config.sample_size
+    s = s if isinstance(s, int) else s[0]
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep):
+            return self.unet(sample, timestep).sample
+
+    torch.onnx.export(Wrap(unet), (torch.zeros(2, c, s, s), torch.tensor([1, 1])),
+                      os.path.join(model_dir, "unet.onnx"), input_names=["sample", "timestep"],
+                      output_names=["eps"], dynamic_axes={"sample": {0: "b"}, "timestep": {0: "b"}},
+                      opset_version=17, dynamo=False)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="a folder with config.json and "
+                   "scheduler_config.json (default: google/ddpm-cifar10-32's)")
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--onnx", action="store_true")
+    p.add_argument("--ddim", default=os.path.join(ROOT, "target", "release", "ddim"))
+    p.add_argument("--worker", choices=["diffusers", "onnx"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-model", help=argparse.SUPPRESS)
+    p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "diffusers":
+        return diffusers_worker(args)
+    if args.worker == "onnx":
+        return onnx_worker(args)
+
+    import diffusers
+    import torch
+
+    batches = [int(b) for b in args.batch.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        unet = make_model(args.config, model)
+        gflop = gflop_per_image_step(unet)
+        params = sum(p.numel() for p in unet.parameters())
+        del unet
+        if args.onnx:
+            export_onnx(model)
+        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+        rows = []
+        for b in batches:
+            out = os.path.join(tmp, f"out{b}")
+            ours = run_child([args.ddim, "sample", "--model", model, "-n", str(b),
+                              "--batch-size", str(b), "--steps", str(args.steps), "--quiet",
+                              "--output", out], env)
+            worker = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+                      "--steps", str(args.steps), "--worker-model", model,
+                      "--worker-batch", str(b), "--worker"]
+            theirs = run_child(worker + ["diffusers"])
+            results = [("ddim", ours), (f"diffusers {diffusers.__version__}", theirs)]
+            if args.onnx:
+                results.append(("ONNX Runtime", run_child(worker + ["onnx"])))
+            for name, (wall, rss) in results:
+                rows.append((b, name, wall, b * args.steps / wall, rss, theirs[0] / wall))
+
+    print(f"DDIM sampling, {os.path.basename(os.path.normpath(args.config))} UNet "
+          f"({params:,} parameters, {gflop:.1f} GFLOP per image-step), {args.steps} steps, "
+          f"model load included, {args.threads} threads, torch {torch.__version__}")
+    print("| batch | implementation | wall | image-steps/s | GFLOP/s | peak RSS | speed vs diffusers |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for b, name, wall, ips, rss, ratio in rows:
+        print(f"| {b} | {name} | {wall:.2f} s | {ips:.2f} | {ips * gflop:.0f} | {rss:.0f} MiB "
+              f"| {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
