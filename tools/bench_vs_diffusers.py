@@ -18,11 +18,12 @@ that its peak RSS is its own, model load included, the same number of threads:
 Prints a table: wall time, image-steps per second, GFLOP/s (the UNet's FLOPs per image-step
 counted by torch's FlopCounterMode), peak RSS, and each speed as a ratio of diffusers'. Run it on
 a quiet machine: nothing else may compete for the cores. Needs torch and diffusers in a
-virtualenv outside the repository.
+virtualenv outside the repository, and GNU time (`/usr/bin/time`, Debian package `time`).
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,22 +61,21 @@ def gflop_per_image_step(unet):
 
 
 def run_child(cmd, env=None):
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            if env is not None:
-                os.execvpe(cmd[0], cmd, env)
-            os.execvp(cmd[0], cmd)
-        finally:
-            os._exit(127)
-    _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        sys.exit(f"{' '.join(cmd)} failed (status {status})")
-    return wall, usage.ru_maxrss / 1024
+    """Runs cmd in its own process: (wall seconds, peak RSS in MiB, stdout and stderr).
+
+    The peak RSS comes from GNU time (`/usr/bin/time`), which forks from its own small process:
+    Linux carries a process's peak RSS across exec, so a child forked from this Python process,
+    which holds torch, would report at least this process's size.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name] + cmd, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}")
+        rss_kib = int(rss_file.read().strip().splitlines()[-1])
+    return wall, rss_kib / 1024, p.stdout
 
 
 def diffusers_worker(args):
@@ -86,8 +86,10 @@ def diffusers_worker(args):
     with torch.no_grad():
         pipe = DDIMPipeline.from_pretrained(args.worker_model)
         pipe.set_progress_bar_config(disable=True)
+        t0 = time.perf_counter()
         pipe(batch_size=args.worker_batch, num_inference_steps=args.steps,
              generator=torch.manual_seed(0), output_type="np")
+        print(json.dumps({"sample_s": time.perf_counter() - t0}))
 
 
 def onnx_worker(args):
@@ -107,10 +109,12 @@ def onnx_worker(args):
         cfg = json.load(f)
     s = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     x = torch.randn(args.worker_batch, cfg["in_channels"], s, s, generator=torch.manual_seed(0))
+    t0 = time.perf_counter()
     for t in scheduler.timesteps:
         eps = session.run(None, {"sample": x.numpy(),
                                  "timestep": np.full((args.worker_batch,), int(t), np.int64)})[0]
         x = scheduler.step(torch.from_numpy(eps), t, x).prev_sample
+    print(json.dumps({"sample_s": time.perf_counter() - t0}))
 
 
 def export_onnx(model_dir):
@@ -168,17 +172,22 @@ def main():
             export_onnx(model)
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
 
-        def ours(b, steps):
-            out = os.path.join(tmp, f"out{b}-{steps}")
-            return run_child([args.ddim, "sample", "--model", model, "-n", str(b),
-                              "--batch-size", str(b), "--steps", str(steps), "--quiet",
-                              "--output", out], env)
+        def ours(b):
+            out = os.path.join(tmp, f"out{b}")
+            wall, rss, text = run_child([args.ddim, "sample", "--model", model, "-n", str(b),
+                                         "--batch-size", str(b), "--steps", str(args.steps),
+                                         "--quiet", "--output", out], env)
+            # "16 images x 10 steps in 28.57 s (...)": the sampling time, load excluded
+            sample = float(re.search(r"steps in ([0-9.]+) s", text).group(1))
+            return wall, rss, sample
 
         def worker(kind):
-            def run(b, steps):
-                return run_child([sys.executable, os.path.abspath(__file__), "--threads",
-                                  str(args.threads), "--steps", str(steps), "--worker-model",
-                                  model, "--worker-batch", str(b), "--worker", kind])
+            def run(b):
+                wall, rss, text = run_child([sys.executable, os.path.abspath(__file__),
+                                             "--threads", str(args.threads), "--steps",
+                                             str(args.steps), "--worker-model", model,
+                                             "--worker-batch", str(b), "--worker", kind])
+                return wall, rss, float(re.search(r'"sample_s": ([0-9.e-]+)', text).group(1))
             return run
 
         impls = [("ddim", ours), (f"diffusers {diffusers.__version__}", worker("diffusers"))]
@@ -186,23 +195,18 @@ def main():
             impls.append(("ONNX Runtime", worker("onnx")))
         rows = []
         for b in batches:
-            results = []
-            for name, run in impls:
-                # S steps (model load included), then 2S: the difference is S steady steps
-                wall, rss = run(b, args.steps)
-                wall2, rss2 = run(b, 2 * args.steps)
-                step = (wall2 - wall) / args.steps
-                results.append((name, wall, step, max(rss, rss2)))
-            base_wall, base_step = results[1][1], results[1][2]
-            for name, wall, step, rss in results:
+            results = [(name, *run(b)) for name, run in impls]
+            base_wall, base_sample = results[1][1], results[1][3]
+            for name, wall, rss, sample in results:
+                step = sample / args.steps
                 rows.append((b, name, wall, b * args.steps / wall, step, b / step, rss,
-                             base_wall / wall, base_step / step))
+                             base_wall / wall, base_sample / sample))
 
     print(f"DDIM sampling, {os.path.basename(os.path.normpath(args.config))} UNet "
           f"({params:,} parameters, {gflop:.1f} GFLOP per image-step), {args.threads} threads, "
           f"torch {torch.__version__}. 'Run' is a whole {args.steps}-step run with the model load "
-          f"(and for Python the imports); 'step' is the steady cost of one step, from a "
-          f"{2 * args.steps}-step run minus the {args.steps}-step one.")
+          f"(and for Python the imports); 'step' is the sampling loop alone, per step, timed "
+          f"inside each process.")
     print("| batch | implementation | run | image-steps/s (run) | step | image-steps/s (step) "
           "| GFLOP/s (step) | peak RSS | vs diffusers (run) | vs diffusers (step) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
