@@ -486,7 +486,7 @@ impl candle_core::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = conv2d(x, &self.weight, self.stride, self.padding)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => super::add_planes(&y, b),
             None => Ok(y),
         }
     }

@@ -1,8 +1,10 @@
-//! SiLU and 2× nearest upsampling on the CPU with one-pass backward kernels.
+//! SiLU, 2× nearest upsampling and per-channel additions on the CPU with one-pass backward
+//! kernels.
 //!
-//! candle 0.11 differentiates `silu` with seven full-size tensor ops, and 2× nearest
-//! upsampling with a grouped convolution that it runs as one convolution per channel; both
-//! showed up in the profile of a training step.
+//! candle 0.11 differentiates `silu` with seven full-size tensor ops, 2× nearest upsampling with
+//! a grouped convolution that it runs as one convolution per channel, and a broadcast addition
+//! (a convolution's bias, the time embedding) with a strided single-threaded sum over the batch
+//! and the pixels; all showed up in the profile of a training step.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -165,6 +167,124 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x (b, c, h, w) + v`, where `v` holds one value per channel (`c` values) or per image and
+/// channel (`b·c` values), broadcast over the pixels.
+#[derive(Clone, Copy, Debug)]
+struct AddPlanes;
+
+/// Checks the shapes: (images, channels, pixels per plane, whether `v` has one row per image).
+fn planes(x: &[usize], v_len: usize) -> Result<(usize, usize, usize, bool)> {
+    let &[b, c, h, w] = x else {
+        candle_core::bail!("add_planes: expected x of (b, c, h, w), got {x:?}")
+    };
+    if v_len == c {
+        Ok((b, c, h * w, false))
+    } else if v_len == b * c {
+        Ok((b, c, h * w, true))
+    } else {
+        candle_core::bail!("add_planes: {v_len} values for x of {x:?} (need c or b·c)")
+    }
+}
+
+impl CustomOp2 for AddPlanes {
+    fn name(&self) -> &'static str {
+        "ddim-add-planes"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, v) = (
+            f32_slice(xs, xl, "add_planes", "input")?,
+            f32_slice(vs, vl, "add_planes", "values")?,
+        );
+        let (_, c, hw, per_image) = planes(xl.dims(), v.len())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let add = v[if per_image { i } else { i % c }];
+                for (o, &a) in y.iter_mut().zip(x) {
+                    *o = a + add;
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let per_image = v.elem_count() != dy.dim(1)?;
+        let dv = dy
+            .contiguous()?
+            .apply_op1_no_bwd(&PlaneSums { per_image })?
+            .reshape(v.shape())?;
+        Ok((Some(dy.clone()), Some(dv)))
+    }
+}
+
+/// The gradient of [`AddPlanes`] for `v`: the sum of each (image, channel) plane, summed over
+/// the images too unless `per_image`.
+#[derive(Clone, Copy, Debug)]
+struct PlaneSums {
+    per_image: bool,
+}
+
+impl CustomOp1 for PlaneSums {
+    fn name(&self) -> &'static str {
+        "ddim-plane-sums"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "plane sums", "input")?;
+        let &[b, c, h, w] = l.dims() else {
+            candle_core::bail!("plane sums: expected (b, c, h, w), got {:?}", l.dims())
+        };
+        // f64 partial sums: a plane of a 256×256 image has 65,536 values
+        let sums: Vec<f64> = g
+            .par_chunks(h * w)
+            .map(|p| p.iter().map(|&v| v as f64).sum())
+            .collect();
+        if self.per_image {
+            let out = sums.iter().map(|&v| v as f32).collect();
+            return Ok((CpuStorage::F32(out), Shape::from((b, c))));
+        }
+        let mut out = vec![0f64; c];
+        for row in sums.chunks(c) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+        Ok((
+            CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()),
+            Shape::from(c),
+        ))
+    }
+}
+
+/// `x (b, c, h, w)` plus `v` broadcast over the pixels, where `v` holds one value per channel
+/// (shape `(c,)`) or per image and channel (`(b, c)` or `(b, c, 1, 1)`): the kernels above for
+/// f32 on the CPU, candle's `broadcast_add` elsewhere. The gradient has `v`'s shape.
+pub fn add_planes(x: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && v.dtype() == DType::F32 {
+        planes(x.dims(), v.elem_count())?;
+        x.contiguous()?.apply_op2(&v.contiguous()?, AddPlanes)
+    } else {
+        let rows = if v.elem_count() == c { 1 } else { b };
+        x.broadcast_add(&v.reshape((rows, c, 1, 1))?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +310,28 @@ mod tests {
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn add_planes_matches_broadcast_add_forward_and_backward() {
+        let x = Var::from_tensor(&randn(&[3, 4, 5, 6], 4, 2.0, 0.0)).unwrap();
+        let w = randn(&[3, 4, 5, 6], 5, 2.0, 0.0);
+        for (shape, seed) in [(vec![4], 6), (vec![3, 4, 1, 1], 7), (vec![1, 4, 1, 1], 8)] {
+            let v = Var::from_tensor(&randn(&shape, seed, 1.0, 0.5)).unwrap();
+            let rows = if shape.len() == 1 { 1 } else { shape[0] };
+            let a = add_planes(&x, &v).unwrap();
+            let b = x
+                .broadcast_add(&v.reshape((rows, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&a, &b) < 1e-6, "{shape:?}");
+            let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-6);
+            let (da, db) = (ga.get(&v).unwrap(), gb.get(&v).unwrap());
+            assert_eq!(da.dims(), shape.as_slice());
+            assert!(max_diff(da, db) < 1e-4, "{shape:?}");
+        }
+        let bad = randn(&[5], 9, 1.0, 0.0);
+        assert!(add_planes(&x, &bad).is_err());
     }
 }

@@ -6,7 +6,7 @@ pub mod elementwise;
 pub mod group_norm;
 
 pub use conv::{conv2d, Conv2d};
-pub use elementwise::{silu, upsample_nearest_2x};
+pub use elementwise::{add_planes, silu, upsample_nearest_2x};
 pub use group_norm::{group_norm, GroupNorm};
 
 use candle_core::{CpuStorage, Layout};

@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
-use crate::ops::{Conv2d, GroupNorm};
+use crate::ops::{add_planes, Conv2d, GroupNorm};
 
 use super::config::{Activation, ResnetTimeScaleShift};
 use crate::Result;
@@ -177,7 +177,7 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = match self.settings.time_scale_shift {
-            ResnetTimeScaleShift::Default => self.norm2.forward(&h.broadcast_add(&temb)?)?,
+            ResnetTimeScaleShift::Default => self.norm2.forward(&add_planes(&h, &temb)?)?,
             ResnetTimeScaleShift::ScaleShift => {
                 let half = temb.dim(1)? / 2;
                 let (scale, shift) = (temb.narrow(1, 0, half)?, temb.narrow(1, half, half)?);
