@@ -1572,16 +1572,19 @@ fn unwritable_outputs_and_a_full_disk_keep_what_was_there() {
     let file = dir.join("a-file");
     std::fs::write(&file, b"keep me").unwrap();
     let under = file.join("out");
-    let o = ddim(&[
-        "sample",
-        "--model",
-        m,
-        "--steps",
-        "2",
-        "--quiet",
-        "--output",
-        under.to_str().unwrap(),
-    ]);
+    let sample_into = |out: &std::path::Path| {
+        ddim(&[
+            "sample",
+            "--model",
+            m,
+            "--steps",
+            "2",
+            "--quiet",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = sample_into(&under);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("a-file"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
@@ -1593,16 +1596,7 @@ fn unwritable_outputs_and_a_full_disk_keep_what_was_there() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
     if std::fs::write(locked.join("probe"), b"").is_err() {
-        let o = ddim(&[
-            "sample",
-            "--model",
-            m,
-            "--steps",
-            "2",
-            "--quiet",
-            "--output",
-            locked.to_str().unwrap(),
-        ]);
+        let o = sample_into(&locked);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         assert!(stderr(&o).contains("locked"), "{}", stderr(&o));
     }
