@@ -60,6 +60,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    use_main_thread_in_pool();
     let result = match cli.command {
         Command::Sample(args) => sample_cmd::run(args),
         Command::Invert(args) => invert_cmd::run(args),
@@ -87,6 +88,17 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// Makes the main thread one of rayon's global pool threads (RAYON_NUM_THREADS or the core
+/// count in all), so that the work the main thread does between parallel sections does not
+/// compete for a core with a full pool of spinning workers.
+fn use_main_thread_in_pool() {
+    // Fails only when the pool exists already; then it is used as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .use_current_thread()
+        .build_global();
 }
 
 /// 2 when the error comes from what the user gave us (arguments, files), 1 otherwise.

@@ -9,14 +9,29 @@
 //! - input gradient: `dx_b = col⁻¹(Wᵀ · dy_b)` (col2im adds overlapping windows);
 //! - weight gradient: `dW = Σ_b dy_b · col(x_b)ᵀ`.
 //!
-//! 1×1 convolutions with stride 1 and no padding skip im2col (`col(x_b) = x_b`). Batches are
-//! split across threads image by image; a single image lets GEMM use the threads instead.
+//! The output pixels are cut into tiles of about [`COL_TILE_FLOATS`] / `(c_in·kh·kw)` columns:
+//! runs of whole output rows of one image, or several whole images when an image is smaller
+//! than a tile (the 8×8 and 4×4 levels of a UNet, where one image alone makes a thin GEMM).
+//! Each thread keeps one column buffer of a tile's size for the whole run, so memory stays
+//! bounded at any resolution and nothing is zeroed that is about to be overwritten. 1×1
+//! convolutions with stride 1 and no padding read a single image's tile straight from the input.
+//! Tiles are spread over threads when there are at least as many as threads; otherwise one
+//! tile at a time runs with the GEMM itself split over the threads.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::thread::LocalKey;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
 use super::f32_slice;
 use rayon::prelude::*;
+
+/// The size of one thread's column buffer, in f32 values (4 MiB): large enough for GEMMs of a
+/// few hundred columns at the widest UNet layers, small enough to stay bounded at 256×256.
+/// Unit tests use a tiny one so that their small shapes cut images into several row tiles.
+const COL_TILE_FLOATS: usize = if cfg!(test) { 1 << 9 } else { 1 << 20 };
 
 /// The geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +47,20 @@ struct Geometry {
     padding: usize,
     ho: usize,
     wo: usize,
+}
+
+/// Output columns computed by one GEMM: output rows `rows` of the images `images` (all rows
+/// when there is more than one image).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Tile {
+    images: Range<usize>,
+    rows: Range<usize>,
+}
+
+impl Tile {
+    fn cols(&self, g: &Geometry) -> usize {
+        self.images.len() * self.rows.len() * g.wo
+    }
 }
 
 impl Geometry {
@@ -68,31 +97,89 @@ impl Geometry {
         self.ho * self.wo
     }
 
+    fn per_in(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn per_out(&self) -> usize {
+        self.c_out * self.n()
+    }
+
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// (threads to split the batch over, GEMM parallelism inside each).
-    fn split(&self) -> (usize, Parallelism) {
+    /// The tiles covering every output pixel of the batch, image by image, rows in order.
+    fn tiles(&self) -> Vec<Tile> {
+        self.tiles_of(COL_TILE_FLOATS, rayon::current_num_threads().max(1))
+    }
+
+    /// [`Self::tiles`] for a column buffer of `floats` values and `threads` threads: at least
+    /// one tile per thread where the batch has that many output rows, a multiple of the thread
+    /// count where possible (balanced work), each within the buffer (or one output row).
+    fn tiles_of(&self, floats: usize, threads: usize) -> Vec<Tile> {
+        let n = self.n();
+        if n == 0 || self.b == 0 {
+            return Vec::new();
+        }
+        let target = (floats / self.k().max(1)).max(self.wo);
+        let count = (self.b * n)
+            .div_ceil(target)
+            .max(threads)
+            .next_multiple_of(threads);
+        if count <= self.b {
+            // whole images, `per` to a tile
+            let per = self.b.div_ceil(count).min(target / n).max(1);
+            return (0..self.b)
+                .step_by(per)
+                .map(|i| Tile {
+                    images: i..(i + per).min(self.b),
+                    rows: 0..self.ho,
+                })
+                .collect();
+        }
+        // runs of output rows, the same count in every image
+        let parts = count.div_ceil(self.b).max(n.div_ceil(target));
+        let rows = self.ho.div_ceil(parts).min(target / self.wo).max(1);
+        let mut tiles = Vec::with_capacity(self.b * parts);
+        for image in 0..self.b {
+            for r in (0..self.ho).step_by(rows) {
+                tiles.push(Tile {
+                    images: image..image + 1,
+                    rows: r..(r + rows).min(self.ho),
+                });
+            }
+        }
+        tiles
+    }
+
+    /// `(units run in parallel with single-threaded GEMMs, GEMM parallelism)`: the units in
+    /// parallel when there are at least as many as threads, else one after another with each
+    /// GEMM split over the threads.
+    fn parallelism(units: usize) -> (bool, Parallelism) {
         let threads = rayon::current_num_threads().max(1);
-        if self.b >= threads {
-            (threads, Parallelism::None)
+        if threads == 1 {
+            (false, Parallelism::None)
+        } else if units >= threads {
+            (true, Parallelism::None)
         } else {
-            (1, Parallelism::Rayon(threads))
+            (false, Parallelism::Rayon(threads))
         }
     }
 
-    /// Writes `col(x)` (`k × n`, row-major) for one image `x` (`c_in × h × w`).
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        let (n, s, p) = (self.n(), self.stride, self.padding as isize);
+    /// Writes the columns of output rows `rows` of image `x` (`c_in × h × w`) into `col`: row
+    /// `r = (c·kh + i)·kw + j` of the `k × len` block starts at `r · ld`, output pixel (oy, ox)
+    /// is its column `(oy - rows.start)·wo + ox`.
+    fn im2col(&self, x: &[f32], rows: Range<usize>, col: &mut [f32], ld: usize) {
+        let (s, p) = (self.stride, self.padding as isize);
+        let len = rows.len() * self.wo;
         for c in 0..self.c_in {
             let plane = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for i in 0..self.kh {
                 for j in 0..self.kw {
-                    let row = &mut col[((c * self.kh + i) * self.kw + j) * n..][..n];
-                    for oy in 0..self.ho {
+                    let row = &mut col[((c * self.kh + i) * self.kw + j) * ld..][..len];
+                    for (out, oy) in row.chunks_exact_mut(self.wo).zip(rows.clone()) {
                         let iy = (oy * s) as isize - p + i as isize;
-                        let out = &mut row[oy * self.wo..(oy + 1) * self.wo];
                         if iy < 0 || iy >= self.h as isize {
                             out.fill(0.0);
                             continue;
@@ -100,10 +187,8 @@ impl Geometry {
                         let src = &plane[iy as usize * self.w..(iy as usize + 1) * self.w];
                         if s == 1 {
                             // ix = ox - p + j: one contiguous run of the source row
+                            let (lo, hi) = self.run(j);
                             let shift = j as isize - p;
-                            let lo = (-shift).clamp(0, self.wo as isize) as usize;
-                            let hi = (self.w as isize - shift).clamp(lo as isize, self.wo as isize)
-                                as usize;
                             out[..lo].fill(0.0);
                             out[lo..hi].copy_from_slice(
                                 &src[(lo as isize + shift) as usize
@@ -126,26 +211,25 @@ impl Geometry {
         }
     }
 
-    /// Adds the windows of `col` (`k × n`) back into one image gradient `dx` (`c_in × h × w`).
-    fn col2im(&self, col: &[f32], dx: &mut [f32]) {
-        let (n, s, p) = (self.n(), self.stride, self.padding as isize);
+    /// Adds the windows of `col` (laid out as [`Self::im2col`] writes them) back into one image
+    /// gradient `dx` (`c_in × h × w`).
+    fn col2im(&self, col: &[f32], ld: usize, rows: Range<usize>, dx: &mut [f32]) {
+        let (s, p) = (self.stride, self.padding as isize);
+        let len = rows.len() * self.wo;
         for c in 0..self.c_in {
             let plane = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
             for i in 0..self.kh {
                 for j in 0..self.kw {
-                    let row = &col[((c * self.kh + i) * self.kw + j) * n..][..n];
-                    for oy in 0..self.ho {
+                    let row = &col[((c * self.kh + i) * self.kw + j) * ld..][..len];
+                    for (src, oy) in row.chunks_exact(self.wo).zip(rows.clone()) {
                         let iy = (oy * s) as isize - p + i as isize;
                         if iy < 0 || iy >= self.h as isize {
                             continue;
                         }
                         let dst = &mut plane[iy as usize * self.w..(iy as usize + 1) * self.w];
-                        let src = &row[oy * self.wo..(oy + 1) * self.wo];
                         if s == 1 {
+                            let (lo, hi) = self.run(j);
                             let shift = j as isize - p;
-                            let lo = (-shift).clamp(0, self.wo as isize) as usize;
-                            let hi = (self.w as isize - shift).clamp(lo as isize, self.wo as isize)
-                                as usize;
                             let d = &mut dst
                                 [(lo as isize + shift) as usize..(hi as isize + shift) as usize];
                             for (o, &v) in d.iter_mut().zip(&src[lo..hi]) {
@@ -153,7 +237,7 @@ impl Geometry {
                             }
                             continue;
                         }
-                        for (ox, &v) in row[oy * self.wo..(oy + 1) * self.wo].iter().enumerate() {
+                        for (ox, &v) in src.iter().enumerate() {
                             let ix = (ox * s) as isize - p + j as isize;
                             if ix >= 0 && ix < self.w as isize {
                                 dst[ix as usize] += v;
@@ -164,15 +248,88 @@ impl Geometry {
             }
         }
     }
+
+    /// For stride 1: the output columns `lo..hi` whose kernel column `j` lands inside the input.
+    fn run(&self, j: usize) -> (usize, usize) {
+        let shift = j as isize - self.padding as isize;
+        let lo = (-shift).clamp(0, self.wo as isize) as usize;
+        let hi = (self.w as isize - shift).clamp(lo as isize, self.wo as isize) as usize;
+        (lo, hi)
+    }
+
+    /// The columns of `tile` into `col` (`k × tile.cols()`), image after image.
+    fn im2col_tile(&self, x: &[f32], tile: &Tile, col: &mut [f32]) {
+        let (ld, per) = (tile.cols(self), self.rows_cols(tile));
+        for (slot, image) in tile.images.clone().enumerate() {
+            let xb = &x[image * self.per_in()..][..self.per_in()];
+            self.im2col(xb, tile.rows.clone(), &mut col[slot * per..], ld);
+        }
+    }
+
+    /// The columns one image contributes to `tile`.
+    fn rows_cols(&self, tile: &Tile) -> usize {
+        tile.rows.len() * self.wo
+    }
 }
 
-/// `dst (m×n) = [dst +] a (m×k, strides ars/acs) · b (k×n, strides brs/bcs)`, row-major `dst`.
+thread_local! {
+    /// Each thread's column buffer, reused by every convolution it runs.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's buffer for a tile of several images' outputs or gradients.
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the thread's buffer `key` holding at least `len` values (contents
+/// unspecified), or a fresh one when the thread's is in use (a nested call from a GEMM's
+/// worker).
+fn with_buffer<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
+
+/// [`with_buffer`] on the column buffer.
+fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&COLUMNS, len, f)
+}
+
+/// A pointer that tiles writing disjoint parts of one output share across threads.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every user writes through it only to elements no other thread touches (the
+// callers' comments say why), and the buffer outlives the parallel section.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] a (m×k, strides ars/acs) · b (k×n, strides brs/bcs)`.
+///
+/// # Safety
+/// `dst` must be valid for writes of every element `i·dst_rs + j` (i < m, j < n) and for reads
+/// of them when `accumulate`, and must not alias `a` or `b` nor be written by another thread.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
+    dst_rs: usize,
     accumulate: bool,
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
@@ -180,20 +337,18 @@ fn matmul(
     (b_rs, b_cs): (usize, usize),
     par: Parallelism,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    debug_assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: the slices hold every element the strides address (checked above in debug
-    // builds; every caller derives m, n, k and the strides from the same geometry as the
-    // slice lengths), and `dst` does not alias `a` or `b`.
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: `a` and `b` hold every element the strides address (asserted above); `dst` as
+    // the caller promises.
     unsafe {
         gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -211,9 +366,13 @@ fn matmul(
     }
 }
 
-/// Splits `data` into `parts` runs of whole images of `per` values each.
-fn image_chunks(b: usize, parts: usize) -> usize {
-    b.div_ceil(parts.max(1)).max(1)
+/// Runs `f` on each unit, in parallel when `parallel`, else in order.
+fn for_each_unit<T: Sync>(units: &[T], parallel: bool, f: impl Fn(&T) + Sync + Send) {
+    if parallel {
+        units.par_iter().for_each(f);
+    } else {
+        units.iter().for_each(f);
+    }
 }
 
 /// The forward convolution: `(x, w) -> y`.
@@ -242,29 +401,83 @@ impl CustomOp2 for Conv2dOp {
             f32_slice(xs, xl, "conv2d", "input")?,
             f32_slice(ws, wl, "conv2d", "weight")?,
         );
-        let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
-        let per_out = g.c_out * n;
-        let mut y = vec![0f32; g.b * per_out];
-        let (parts, par) = g.split();
-        let chunk = image_chunks(g.b, parts);
-        y.par_chunks_mut(chunk * per_out)
-            .zip(x.par_chunks(chunk * per_in))
-            .for_each(|(ys, xs)| {
-                let mut col = if g.is_pointwise() {
-                    Vec::new()
+        let (k, n, total) = (g.k(), g.n(), g.b * g.per_out());
+        let tiles = g.tiles();
+        let (parallel, par) = Geometry::parallelism(tiles.len());
+        let mut y: Vec<f32> = Vec::with_capacity(total);
+        let out = Out(y.as_mut_ptr());
+        for_each_unit(&tiles, parallel, |tile| {
+            let cols = tile.cols(&g);
+            let first = tile.images.start * g.per_out() + tile.rows.start * g.wo;
+            if tile.images.len() == 1 {
+                // y_b[:, rows] = W · col: straight into the output (row stride n)
+                // SAFETY: the tile's columns of its image are written by this tile only and
+                // lie inside `y`'s capacity.
+                let dst = unsafe { out.ptr().add(first) };
+                if g.is_pointwise() {
+                    let xb = &x[tile.images.start * g.per_in() + tile.rows.start * g.wo..];
+                    unsafe { matmul(g.c_out, cols, k, dst, n, false, w, (k, 1), xb, (n, 1), par) };
                 } else {
-                    vec![0f32; k * n]
-                };
-                for (yb, xb) in ys.chunks_mut(per_out).zip(xs.chunks(per_in)) {
-                    let col = if g.is_pointwise() {
-                        xb
-                    } else {
-                        g.im2col(xb, &mut col);
-                        &col[..]
+                    with_columns(k * cols, |col| {
+                        g.im2col_tile(x, tile, col);
+                        unsafe {
+                            matmul(
+                                g.c_out,
+                                cols,
+                                k,
+                                dst,
+                                n,
+                                false,
+                                w,
+                                (k, 1),
+                                col,
+                                (cols, 1),
+                                par,
+                            )
+                        };
+                    });
+                }
+                return;
+            }
+            // several whole images: one GEMM into a scratch block, then each image's rows out
+            with_buffer(&BLOCK, g.c_out * cols, |block| {
+                with_columns(k * cols, |col| {
+                    g.im2col_tile(x, tile, col);
+                    // SAFETY: `block` is this thread's and holds c_out × cols values.
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            cols,
+                            k,
+                            block.as_mut_ptr(),
+                            cols,
+                            false,
+                            w,
+                            (k, 1),
+                            col,
+                            (cols, 1),
+                            par,
+                        )
                     };
-                    matmul(g.c_out, n, k, yb, false, w, (k, 1), col, (n, 1), par);
+                });
+                for (slot, _) in tile.images.clone().enumerate() {
+                    for c in 0..g.c_out {
+                        let src = &block[c * cols + slot * n..][..n];
+                        // SAFETY: whole images of this tile, written by this tile only.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                src.as_ptr(),
+                                out.ptr().add(first + slot * g.per_out() + c * n),
+                                n,
+                            )
+                        };
+                    }
                 }
             });
+        });
+        // SAFETY: the tiles cover every output pixel of every image for every channel, so all
+        // `total` values were written above.
+        unsafe { y.set_len(total) };
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.c_out, g.ho, g.wo))))
     }
 
@@ -294,6 +507,32 @@ impl CustomOp2 for Conv2dOp {
         )?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// `dy`'s columns of `tile` as a `c_out × cols` matrix: straight from `dy` (row stride n) for a
+/// single image, or gathered into `block` for several.
+fn dy_tile<'a>(
+    g: &Geometry,
+    dy: &'a [f32],
+    tile: &Tile,
+    block: &'a mut Vec<f32>,
+) -> (&'a [f32], usize) {
+    let n = g.n();
+    if tile.images.len() == 1 {
+        let start = tile.images.start * g.per_out() + tile.rows.start * g.wo;
+        return (&dy[start..], n);
+    }
+    let cols = tile.cols(g);
+    if block.len() < g.c_out * cols {
+        block.resize(g.c_out * cols, 0.0);
+    }
+    for (slot, image) in tile.images.clone().enumerate() {
+        for c in 0..g.c_out {
+            block[c * cols + slot * n..][..n]
+                .copy_from_slice(&dy[image * g.per_out() + c * n..][..n]);
+        }
+    }
+    (&block[..g.c_out * cols], cols)
 }
 
 /// `(dy, w) -> dx` for an input of `input` = (h, w).
@@ -326,29 +565,76 @@ impl CustomOp2 for Conv2dInputGrad {
             f32_slice(dys, dyl, "conv2d", "gradient")?,
             f32_slice(ws, wl, "conv2d", "weight")?,
         );
-        let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
-        let per_out = g.c_out * n;
-        let mut dx = vec![0f32; g.b * per_in];
-        let (parts, par) = g.split();
-        let chunk = image_chunks(g.b, parts);
-        dx.par_chunks_mut(chunk * per_in)
-            .zip(dy.par_chunks(chunk * per_out))
-            .for_each(|(dxs, dys)| {
-                let mut col = if g.is_pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0f32; k * n]
+        let k = g.k();
+        let mut dx = vec![0f32; g.b * g.per_in()];
+        // Tiles of one image overlap in dx (windows cross tile rows): a unit is all the tiles
+        // of a run of images, and units own disjoint images.
+        let tiles = g.tiles();
+        let mut units: Vec<&[Tile]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=tiles.len() {
+            if i == tiles.len() || tiles[i].images.start != tiles[i - 1].images.start {
+                units.push(&tiles[start..i]);
+                start = i;
+            }
+        }
+        let (parallel, par) = Geometry::parallelism(units.len());
+        let out = Out(dx.as_mut_ptr());
+        for_each_unit(&units, parallel, |unit| {
+            let mut block = Vec::new();
+            for tile in unit.iter() {
+                let cols = tile.cols(&g);
+                let (dyt, ld) = dy_tile(&g, dy, tile, &mut block);
+                let first = tile.images.start * g.per_in();
+                // SAFETY: this unit's images are written by this unit only.
+                let dxs = unsafe {
+                    std::slice::from_raw_parts_mut(out.ptr().add(first), tile.images.len() * g.per_in())
                 };
-                for (dxb, dyb) in dxs.chunks_mut(per_in).zip(dys.chunks(per_out)) {
-                    // Wᵀ (k × c_out) · dy_b (c_out × n)
-                    if g.is_pointwise() {
-                        matmul(k, n, g.c_out, dxb, false, w, (1, k), dyb, (n, 1), par);
-                    } else {
-                        matmul(k, n, g.c_out, &mut col, false, w, (1, k), dyb, (n, 1), par);
-                        g.col2im(&col, dxb);
-                    }
+                if g.is_pointwise() && tile.images.len() == 1 {
+                    // Wᵀ (k × c_out) · dy (c_out × cols), straight into dx (row stride n)
+                    let dst = dxs[tile.rows.start * g.wo..].as_mut_ptr();
+                    unsafe {
+                        matmul(
+                            k,
+                            cols,
+                            g.c_out,
+                            dst,
+                            g.n(),
+                            false,
+                            w,
+                            (1, k),
+                            dyt,
+                            (ld, 1),
+                            par,
+                        )
+                    };
+                    continue;
                 }
-            });
+                with_columns(k * cols, |col| {
+                    // SAFETY: `col` holds k × cols values.
+                    unsafe {
+                        matmul(
+                            k,
+                            cols,
+                            g.c_out,
+                            col.as_mut_ptr(),
+                            cols,
+                            false,
+                            w,
+                            (1, k),
+                            dyt,
+                            (ld, 1),
+                            par,
+                        )
+                    };
+                    let per = g.rows_cols(tile);
+                    for slot in 0..tile.images.len() {
+                        let dxb = &mut dxs[slot * g.per_in()..][..g.per_in()];
+                        g.col2im(&col[slot * per..], cols, tile.rows.clone(), dxb);
+                    }
+                });
+            }
+        });
         Ok((CpuStorage::F32(dx), Shape::from(x_dims.to_vec())))
     }
 }
@@ -383,34 +669,72 @@ impl CustomOp2 for Conv2dWeightGrad {
             f32_slice(xs, xl, "conv2d", "input")?,
             f32_slice(dys, dyl, "conv2d", "gradient")?,
         );
-        let (k, n, per_in) = (g.k(), g.n(), g.c_in * g.h * g.w);
-        let per_out = g.c_out * n;
-        let (parts, par) = g.split();
-        let chunk = image_chunks(g.b, parts);
-        // One partial dW per thread, summed at the end (fixed order: deterministic).
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(chunk * per_in)
-            .zip(dy.par_chunks(chunk * per_out))
-            .map(|(xs, dys)| {
-                let mut dw = vec![0f32; g.c_out * k];
-                let mut col = if g.is_pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0f32; k * n]
-                };
-                for (i, (xb, dyb)) in xs.chunks(per_in).zip(dys.chunks(per_out)).enumerate() {
-                    let col = if g.is_pointwise() {
-                        xb
-                    } else {
-                        g.im2col(xb, &mut col);
-                        &col[..]
+        let (k, n) = (g.k(), g.n());
+        let tiles = g.tiles();
+        let threads = rayon::current_num_threads().max(1);
+        let (parallel, par) = Geometry::parallelism(tiles.len());
+        // One partial dW per group of consecutive tiles, summed in order at the end: the same
+        // sums whichever thread runs a group (deterministic for a given thread count).
+        let groups: Vec<&[Tile]> = if parallel {
+            tiles.chunks(tiles.len().div_ceil(threads).max(1)).collect()
+        } else {
+            vec![&tiles[..]]
+        };
+        let partial = |group: &&[Tile]| {
+            let mut dw = vec![0f32; g.c_out * k];
+            let mut block = Vec::new();
+            for (i, tile) in group.iter().enumerate() {
+                let cols = tile.cols(&g);
+                let (dyt, ld) = dy_tile(&g, dy, tile, &mut block);
+                let dst = dw.as_mut_ptr();
+                // dy (c_out × cols) · colᵀ (cols × k)
+                if g.is_pointwise() && tile.images.len() == 1 {
+                    let xb = &x[tile.images.start * g.per_in() + tile.rows.start * g.wo..];
+                    // SAFETY: `dw` is this group's own c_out × k buffer.
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            k,
+                            cols,
+                            dst,
+                            k,
+                            i > 0,
+                            dyt,
+                            (ld, 1),
+                            xb,
+                            (1, n),
+                            par,
+                        )
                     };
-                    // dy_b (c_out × n) · col_bᵀ (n × k)
-                    matmul(g.c_out, k, n, &mut dw, i > 0, dyb, (n, 1), col, (1, n), par);
+                    continue;
                 }
-                dw
-            })
-            .collect();
+                with_columns(k * cols, |col| {
+                    g.im2col_tile(x, tile, col);
+                    // SAFETY: as above.
+                    unsafe {
+                        matmul(
+                            g.c_out,
+                            k,
+                            cols,
+                            dst,
+                            k,
+                            i > 0,
+                            dyt,
+                            (ld, 1),
+                            col,
+                            (1, cols),
+                            par,
+                        )
+                    };
+                });
+            }
+            dw
+        };
+        let partials: Vec<Vec<f32>> = if parallel {
+            groups.par_iter().map(partial).collect()
+        } else {
+            groups.iter().map(partial).collect()
+        };
         let mut parts = partials.into_iter();
         let mut dw = parts.next().unwrap_or_else(|| vec![0f32; g.c_out * k]);
         for p in parts {
@@ -509,6 +833,8 @@ mod tests {
             (2, 4, 9, 9, 4, 3, 2, 0),
             (3, 6, 5, 5, 8, 1, 1, 0),
             (2, 2, 6, 6, 3, 3, 1, 0),
+            (2, 40, 6, 6, 8, 1, 1, 0),
+            (3, 1, 40, 40, 2, 3, 1, 1),
         ];
         for (seed, &(b, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
             let x = Var::from_tensor(&randn(&[b, c, h, w], seed as u64, 1.0, 0.0)).unwrap();
@@ -539,6 +865,48 @@ mod tests {
                     cases[seed],
                     max_diff(a, b)
                 );
+            }
+        }
+    }
+
+    /// Every output row of every image is in exactly one tile, tiles stay within the column
+    /// budget (or are one row), and several images share a tile only whole.
+    #[test]
+    fn tiles_cover_every_output_row_once() {
+        let shapes = [
+            ([16, 128, 32, 32], [128, 128, 3, 3], 1, 1),
+            ([1, 256, 4, 4], [256, 256, 3, 3], 1, 1),
+            ([3, 128, 256, 256], [128, 128, 3, 3], 1, 1),
+            ([5, 64, 9, 9], [64, 64, 3, 3], 2, 0),
+            ([7, 32, 8, 8], [16, 32, 1, 1], 1, 0),
+        ];
+        for (x, w, s, p) in shapes {
+            let g = Geometry::new(&x, &w, s, p).unwrap();
+            for (floats, threads) in [1, 100, 1 << 9, 1 << 14, 1 << 20, 1 << 30]
+                .into_iter()
+                .flat_map(|f| [(f, 1), (f, 2), (f, 3), (f, 16)])
+            {
+                let mut seen = vec![0u8; g.b * g.ho];
+                let tiles = g.tiles_of(floats, threads);
+                // two threads get the same number of tiles (powers of two)
+                let even = (g.b * g.ho).is_power_of_two();
+                assert!(
+                    threads != 2 || !even || tiles.len() % 2 == 0,
+                    "{x:?} {floats}"
+                );
+                for t in tiles {
+                    assert!(t.images.len() == 1 || t.rows == (0..g.ho), "{t:?}");
+                    assert!(
+                        t.cols(&g) * g.k() <= floats.max(g.wo * g.k()),
+                        "{x:?} {floats} {threads} {t:?}"
+                    );
+                    for i in t.images.clone() {
+                        for r in t.rows.clone() {
+                            seen[i * g.ho + r] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{x:?} {floats}");
             }
         }
     }
