@@ -588,7 +588,10 @@ impl CustomOp2 for Conv2dInputGrad {
                 let first = tile.images.start * g.per_in();
                 // SAFETY: this unit's images are written by this unit only.
                 let dxs = unsafe {
-                    std::slice::from_raw_parts_mut(out.ptr().add(first), tile.images.len() * g.per_in())
+                    std::slice::from_raw_parts_mut(
+                        out.ptr().add(first),
+                        tile.images.len() * g.per_in(),
+                    )
                 };
                 if g.is_pointwise() && tile.images.len() == 1 {
                     // Wᵀ (k × c_out) · dy (c_out × cols), straight into dx (row stride n)

@@ -7,7 +7,7 @@ pub mod group_norm;
 
 pub use conv::{conv2d, Conv2d};
 pub use elementwise::{add_planes, silu, upsample_nearest_2x};
-pub use group_norm::{group_norm, GroupNorm};
+pub use group_norm::{group_norm, group_norm_silu, GroupNorm};
 
 use candle_core::{CpuStorage, Layout};
 

@@ -244,7 +244,7 @@ impl UNet2DModel {
         // 5. out
         let h = self
             .conv_out
-            .forward(&crate::ops::silu(&self.conv_norm_out.forward(&h)?)?)?;
+            .forward(&self.conv_norm_out.forward_silu(&h)?)?;
         match self.config.time_embedding_type {
             // diffusers divides the output by the (Fourier, i.e. sigma) timestep
             TimeEmbeddingType::Fourier => {

@@ -21,6 +21,14 @@ impl Activation {
     }
 }
 
+/// `act(norm(x))`, fused for SiLU.
+fn norm_act(norm: &GroupNorm, act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => norm.forward_silu(x),
+        _ => act.forward(&norm.forward(x)?),
+    }
+}
+
 /// A 3x3 convolution with padding 1 (`nn.Conv2d(cin, cout, kernel_size=3, padding=1)`).
 pub(crate) fn conv3x3(
     cin: usize,
@@ -163,7 +171,7 @@ impl ResnetBlock2D {
     /// `xs`: (b, cin, h, w); `temb`: (b, temb_channels). Returns (b, cout, h', w').
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let act = self.settings.act;
-        let h = act.forward(&self.norm1.forward(xs)?)?;
+        let h = norm_act(&self.norm1, act, xs)?;
         let (input, h) = match self.resample {
             Resample::Same => (xs.clone(), h),
             Resample::Down => (xs.avg_pool2d(2)?, h.avg_pool2d(2)?),
@@ -177,18 +185,20 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = match self.settings.time_scale_shift {
-            ResnetTimeScaleShift::Default => self.norm2.forward(&add_planes(&h, &temb)?)?,
+            ResnetTimeScaleShift::Default => norm_act(&self.norm2, act, &add_planes(&h, &temb)?)?,
             ResnetTimeScaleShift::ScaleShift => {
                 let half = temb.dim(1)? / 2;
                 let (scale, shift) = (temb.narrow(1, 0, half)?, temb.narrow(1, half, half)?);
                 // norm2(h) * (1 + scale) + shift
-                self.norm2
+                let h = self
+                    .norm2
                     .forward(&h)?
                     .broadcast_mul(&(scale + 1.0)?)?
-                    .broadcast_add(&shift)?
+                    .broadcast_add(&shift)?;
+                act.forward(&h)?
             }
         };
-        let h = self.conv2.forward(&act.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
         let input = match &self.conv_shortcut {
             Some(conv) => conv.forward(&input)?,
             None => input,
