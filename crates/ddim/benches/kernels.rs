@@ -34,7 +34,9 @@ fn conv(c: &mut Criterion) {
         (16, 256, 8, 256),
         (16, 256, 4, 256),
         (1, 128, 32, 128),
+        (1, 256, 16, 256),
         (1, 256, 8, 256),
+        (1, 256, 4, 256),
     ];
     let mut g = c.benchmark_group("conv2d_3x3");
     g.sample_size(10);
@@ -47,6 +49,10 @@ fn conv(c: &mut Criterion) {
         let id = format!("{b}x{ci}x{s}x{s}->{co}");
         g.bench_function(BenchmarkId::new("ddim", &id), |bn| {
             bn.iter(|| ddim::ops::conv2d(&x, &w, 1, 1).unwrap())
+        });
+        let u = ddim::ops::winograd::transform_weight(&w).unwrap();
+        g.bench_function(BenchmarkId::new("ddim-winograd", &id), |bn| {
+            bn.iter(|| ddim::ops::winograd::conv3x3(&x, &u, &w, 1).unwrap())
         });
         g.bench_function(BenchmarkId::new("candle", &id), |bn| {
             bn.iter(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())
@@ -73,9 +79,7 @@ fn group_norm_silu(c: &mut Criterion) {
         let id = format!("{b}x{ch}x{s}x{s}");
         g.throughput(Throughput::Elements((b * ch * s * s) as u64));
         g.bench_function(BenchmarkId::new("ddim", &id), |bn| {
-            bn.iter(|| {
-                ddim::ops::group_norm_silu(&x, &gamma, &beta, 32, 1e-5).unwrap()
-            })
+            bn.iter(|| ddim::ops::group_norm_silu(&x, &gamma, &beta, 32, 1e-5).unwrap())
         });
         let m = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), ch, 32, 1e-5).unwrap();
         g.bench_function(BenchmarkId::new("candle", &id), |bn| {

@@ -274,15 +274,15 @@ impl Geometry {
 
 thread_local! {
     /// Each thread's column buffer, reused by every convolution it runs.
-    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's buffer for a tile of several images' outputs or gradients.
-    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(crate) static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with the thread's buffer `key` holding at least `len` values (contents
 /// unspecified), or a fresh one when the thread's is in use (a nested call from a GEMM's
 /// worker).
-fn with_buffer<R>(
+pub(crate) fn with_buffer<R>(
     key: &'static LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
@@ -305,7 +305,7 @@ fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// A pointer that tiles writing disjoint parts of one output share across threads.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: every user writes through it only to elements no other thread touches (the
 // callers' comments say why), and the buffer outlives the parallel section.
 unsafe impl Send for Out {}
@@ -313,7 +313,7 @@ unsafe impl Sync for Out {}
 
 impl Out {
     /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
@@ -324,7 +324,7 @@ impl Out {
 /// `dst` must be valid for writes of every element `i·dst_rs + j` (i < m, j < n) and for reads
 /// of them when `accumulate`, and must not alias `a` or `b` nor be written by another thread.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(crate) unsafe fn matmul(
     m: usize,
     n: usize,
     k: usize,
@@ -749,6 +749,24 @@ impl CustomOp2 for Conv2dWeightGrad {
     }
 }
 
+/// The gradient of `conv2d(x, w, stride, padding)` with respect to `x`, given `dy`.
+pub(crate) fn input_grad(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    dy.apply_op2_no_bwd(
+        w,
+        &Conv2dInputGrad {
+            stride,
+            padding,
+            input: (x.dim(2)?, x.dim(3)?),
+        },
+    )
+}
+
 /// `conv2d(x, w)` with square `stride` and `padding`: the GEMM kernels above for contiguous
 /// f32 tensors on the CPU, candle's own `conv2d` everywhere else (CUDA, Metal, other dtypes).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -768,6 +786,9 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    /// The Winograd transform of a 3×3 stride-1 weight that is not a training variable, made
+    /// at the first forward pass that uses it (`None` inside: not applicable).
+    winograd: std::sync::OnceLock<Option<Tensor>>,
 }
 
 impl Conv2d {
@@ -800,6 +821,7 @@ impl Conv2d {
             bias: Some(bias),
             stride,
             padding,
+            winograd: std::sync::OnceLock::new(),
         })
     }
 
@@ -809,9 +831,34 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The Winograd weight when this convolution of `x` should use it: f32 on the CPU, 3×3,
+    /// stride 1, a weight that training does not update (its transform is kept), and enough
+    /// output for the method to pay ([`super::winograd::worth_it`]).
+    fn winograd_weight(&self, x: &Tensor) -> Option<&Tensor> {
+        let w = &self.weight;
+        let fits = x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && w.dtype() == x.dtype()
+            && self.stride == 1
+            && !w.is_variable()
+            && matches!(w.dims(), [_, _, 3, 3])
+            && super::winograd::worth_it(x.dims(), self.padding);
+        if !fits {
+            return None;
+        }
+        self.winograd
+            .get_or_init(|| super::winograd::transform_weight(w).ok())
+            .as_ref()
+    }
+}
+
 impl candle_core::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.weight, self.stride, self.padding)?;
+        let y = match self.winograd_weight(x) {
+            Some(u) => super::winograd::conv3x3(x, u, &self.weight, self.padding)?,
+            None => conv2d(x, &self.weight, self.stride, self.padding)?,
+        };
         match &self.bias {
             Some(b) => super::add_planes(&y, b),
             None => Ok(y),

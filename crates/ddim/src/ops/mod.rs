@@ -4,6 +4,7 @@
 pub mod conv;
 pub mod elementwise;
 pub mod group_norm;
+pub mod winograd;
 
 pub use conv::{conv2d, Conv2d};
 pub use elementwise::{add_planes, silu, upsample_nearest_2x};
