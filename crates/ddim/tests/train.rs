@@ -172,3 +172,31 @@ fn saved_pipeline_loads_and_samples() {
         .to_string();
     assert!(err.contains("training state"), "{err}");
 }
+
+/// The parameter count equals diffusers' for google/ddpm-cifar10-32 (35,746,307, as
+/// `sum(p.numel() for p in unet.parameters())` gives), and a config asking for a UNet far too
+/// large to train is refused by name, before anything of its size is allocated.
+#[test]
+fn parameter_count_and_huge_configs() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/hub-configs/google--ddpm-cifar10-32/config.json"
+    );
+    let (cifar, _) = ddim::unet::UNet2DConfig::from_file(std::path::Path::new(path)).unwrap();
+    assert_eq!(
+        ddim::unet::UNet2DModel::parameter_count(&cifar).unwrap(),
+        35_746_307
+    );
+
+    let mut huge = tiny_config(0);
+    huge.unet.block_out_channels = vec![1 << 16; huge.unet.block_out_channels.len()];
+    huge.unet.norm_num_groups = 32;
+    let Err(err) = Trainer::new(huge, &Device::Cpu) else {
+        panic!("a 65,536-channel UNet was accepted for training")
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("parameters") && text.contains("at most 1000000000"),
+        "{text}"
+    );
+}

@@ -99,6 +99,19 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.unet.validate()?;
         self.scheduler.validate()?;
+        // Training keeps weights, gradients, two AdamW moments and the EMA: about 20 bytes
+        // a parameter. Refuse before allocating what no machine here could hold.
+        let params = UNet2DModel::parameter_count(&self.unet)?;
+        if params > MAX_TRAIN_PARAMETERS {
+            return Err(Error::config(
+                "unet config",
+                format!(
+                    "{params} parameters (about {} GB of training state)",
+                    params as u64 * 20 / 1_000_000_000
+                ),
+                format!("at most {MAX_TRAIN_PARAMETERS} parameters"),
+            ));
+        }
         if self.steps == 0 {
             return Err(Error::argument("steps", 0, "at least 1 training step"));
         }
@@ -344,6 +357,9 @@ pub struct Trainer {
     /// The permutation of the current epoch, cached.
     order: Option<(u64, Vec<u32>)>,
 }
+
+/// The largest UNet `ddim train` builds: 1 G parameters (about 20 GB of training state).
+pub const MAX_TRAIN_PARAMETERS: usize = 1_000_000_000;
 
 impl Trainer {
     /// A new run: weights initialised from `config.seed` as PyTorch initialises them

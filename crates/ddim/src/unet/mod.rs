@@ -23,6 +23,38 @@ use resnet::{conv3x3, ResnetSettings};
 
 use crate::{Error, Result};
 
+/// A weight source that only adds up the sizes asked for ([`UNet2DModel::parameter_count`]).
+#[derive(Default)]
+struct ShapeCounter {
+    total: std::sync::Arc<std::sync::Mutex<usize>>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for ShapeCounter {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut total = self
+            .total
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("parameter count poisoned".into()))?;
+        *total = total.saturating_add(s.elem_count());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("parameter count: no shape given for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
 /// `class_embedding` of a class-conditional UNet.
 #[derive(Debug, Clone)]
 enum ClassEmbedding {
@@ -183,6 +215,19 @@ impl UNet2DModel {
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
+    }
+
+    /// The number of parameters of the UNet `cfg` describes, found by building it over a
+    /// backend that records shapes and allocates nothing (each tensor is one zero, broadcast).
+    pub fn parameter_count(cfg: &UNet2DConfig) -> Result<usize> {
+        let counter = ShapeCounter::default();
+        let total = counter.total.clone();
+        let vb = VarBuilder::from_backend(Box::new(counter), DType::F32, Device::Cpu);
+        UNet2DModel::new(cfg, vb)?;
+        let n = *total.lock().map_err(|_| {
+            Error::Candle(candle_core::Error::Msg("parameter count poisoned".into()))
+        })?;
+        Ok(n)
     }
 
     /// The config the model was built from.
