@@ -66,6 +66,41 @@ pub mod builtin {
         include_bytes!("../assets/default-model/unet/diffusion_pytorch_model.safetensors");
 }
 
+impl Model {
+    /// DDIM/DDPM samples of images `start..start + len` of a run: from `noise` (the run's x_T,
+    /// all images) when given, else from x_T drawn by `generator`, which also draws the
+    /// per-step noise; `on_step` runs after each step.
+    pub fn sample_batch(
+        &self,
+        options: &ddim::pipeline::SampleOptions,
+        generator: &mut ddim::pipeline::Generator,
+        noise: Option<&Tensor>,
+        (start, len): (usize, usize),
+        on_step: &mut dyn FnMut(),
+    ) -> Result<Tensor> {
+        let x_t = match noise {
+            Some(t) => t.narrow(0, start, len)?,
+            None => {
+                let shape = ddim::pipeline::noise_shape(&self.unet, len)?;
+                generator.randn(&shape, &self.device)?
+            }
+        };
+        let x0 = ddim::pipeline::sample(
+            &self.unet,
+            &self.scheduler_config,
+            options,
+            x_t,
+            generator,
+            &mut |_| {
+                on_step();
+                Ok(())
+            },
+        )
+        .with_context(|| format!("sampling images {start}..{}", start + len))?;
+        Ok(x0)
+    }
+}
+
 pub fn device(arg: DeviceArg) -> Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,

@@ -203,25 +203,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 let len = batch.min(n - start);
                 // The same x_T (and noise streams) for image i in every cell.
                 let mut generator = Generator::per_image(args.seed, start as u64, len);
-                let shape = pipeline::noise_shape(&model.unet, len)?;
-                let x_t = generator.randn(&shape, &model.device)?;
-                let x0 = pipeline::sample(
-                    &model.unet,
-                    &model.scheduler_config,
-                    &options,
-                    x_t,
-                    &mut generator,
-                    &mut |_| {
-                        bar.inc(len as u64);
-                        Ok(())
-                    },
-                )
-                .with_context(|| {
-                    format!(
-                        "sampling images {start}..{} at eta {eta}, {s} steps",
-                        start + len
-                    )
-                })?;
+                let x0 = model
+                    .sample_batch(&options, &mut generator, None, (start, len), &mut || {
+                        bar.inc(len as u64)
+                    })
+                    .with_context(|| format!("at eta {eta}, {s} steps"))?;
                 let x0 = x0.to_device(&candle_core::Device::Cpu)?;
                 if first_batch.is_none() {
                     first_batch = Some(x0.clone());

@@ -418,23 +418,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
             Some(g) => g,
             None => Generator::per_image(args.seed, start as u64, len),
         };
-        let shape = pipeline::noise_shape(&model.unet, len)?;
-        let x_t = match &noise {
-            Some(t) => t.narrow(0, start, len)?,
-            None => generator.randn(&shape, &model.device)?,
-        };
-        let x0 = pipeline::sample(
-            &model.unet,
-            &model.scheduler_config,
+        let x0 = model.sample_batch(
             &options,
-            x_t,
             &mut generator,
-            &mut |_| {
-                bar.inc(1);
-                Ok(())
-            },
-        )
-        .with_context(|| format!("sampling images {start}..{}", start + len))?;
+            noise.as_ref(),
+            (start, len),
+            &mut || bar.inc(1),
+        )?;
         sampled += len;
         let x0 = x0.to_dtype(DType::F32)?;
         let images = image_io::to_images(&x0)?;
