@@ -382,6 +382,9 @@ pub struct Conv2dOp {
     pub stride: usize,
     /// Zero padding of all four sides.
     pub padding: usize,
+    /// Run 3×3 stride-1 kernels by Winograd F(2×2, 3×3) where the output is large enough
+    /// ([`super::winograd::worth_it`]); im2col + GEMM otherwise.
+    pub winograd: bool,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -401,6 +404,15 @@ impl CustomOp2 for Conv2dOp {
             f32_slice(xs, xl, "conv2d", "input")?,
             f32_slice(ws, wl, "conv2d", "weight")?,
         );
+        if self.winograd
+            && (g.kh, g.kw, g.stride) == (3, 3, 1)
+            && super::winograd::worth_it(xl.dims(), g.padding)
+        {
+            // Winograd with the weight transformed now (a training step changes it every time;
+            // the transform costs ~40 flops per weight, the convolution 2·B·H·W per weight).
+            let u = super::winograd::transform_weight_values(w);
+            return super::winograd::forward(x, xl.dims(), &u, &[16, g.c_out, g.c_in], g.padding);
+        }
         let (k, n, total) = (g.k(), g.n(), g.b * g.per_out());
         let tiles = g.tiles();
         let (parallel, par) = Geometry::parallelism(tiles.len());
@@ -771,8 +783,14 @@ pub(crate) fn input_grad(
 /// f32 tensors on the CPU, candle's own `conv2d` everywhere else (CUDA, Metal, other dtypes).
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dOp { stride, padding })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dOp {
+                stride,
+                padding,
+                winograd: true,
+            },
+        )
     } else {
         x.conv2d(w, padding, stride, 1, 1)
     }
@@ -872,8 +890,9 @@ mod tests {
     use crate::ops::testing::{max_diff, randn};
     use candle_core::Var;
 
-    /// Forward and both gradients equal candle's conv2d (and its autograd) for the shapes a
-    /// UNet uses: 3×3 stride 1 pad 1, 3×3 stride 2 pad 1 / pad 0, 1×1, odd sizes, batch 1 and 5.
+    /// Forward and both gradients equal candle's conv2d (and its autograd), with the im2col
+    /// forward and with Winograd where it applies, for the shapes a UNet uses: 3×3 stride 1
+    /// pad 1, 3×3 stride 2 pad 1 / pad 0, 1×1, odd sizes, batch 1 and 5.
     #[test]
     fn matches_candle_forward_and_backward() {
         let cases = [
@@ -886,10 +905,19 @@ mod tests {
             (2, 40, 6, 6, 8, 1, 1, 0),
             (3, 1, 40, 40, 2, 3, 1, 1),
         ];
-        for (seed, &(b, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
+        let runs = cases
+            .iter()
+            .enumerate()
+            .flat_map(|c| [(c, false), (c, true)]);
+        for ((seed, &(b, c, h, w, o, k, s, p)), winograd) in runs {
             let x = Var::from_tensor(&randn(&[b, c, h, w], seed as u64, 1.0, 0.0)).unwrap();
             let wt = Var::from_tensor(&randn(&[o, c, k, k], 100 + seed as u64, 1.0, 0.0)).unwrap();
-            let ours = conv2d(&x, &wt, s, p).unwrap();
+            let op = Conv2dOp {
+                stride: s,
+                padding: p,
+                winograd,
+            };
+            let ours = x.apply_op2(&wt, op).unwrap();
             let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims());
             let scale = randn(ours.dims(), 200 + seed as u64, 1.0, 0.0);

@@ -39,7 +39,12 @@ pub fn transform_weight(w: &Tensor) -> Result<Tensor> {
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let pairs = c_out * c_in;
+    Tensor::from_vec(transform_weight_values(&g), (16, c_out, c_in), w.device())
+}
+
+/// [`transform_weight`] on the values of a `(c_out, c_in, 3, 3)` weight.
+pub(crate) fn transform_weight_values(g: &[f32]) -> Vec<f32> {
+    let pairs = g.len() / 9;
     let mut u = vec![0f32; 16 * pairs];
     for (pair, k) in g.chunks_exact(9).enumerate() {
         // t = G g (4 × 3), then U = t Gᵀ (4 × 4); G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
@@ -59,7 +64,7 @@ pub fn transform_weight(w: &Tensor) -> Result<Tensor> {
             }
         }
     }
-    Tensor::from_vec(u, (16, c_out, c_in), w.device())
+    u
 }
 
 /// The geometry of one Winograd convolution.
@@ -252,72 +257,11 @@ impl CustomOp2 for WinogradConv {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(xl.dims(), ul.dims(), self.padding)?;
         let (x, u) = (
             f32_slice(xs, xl, "conv2d", "input")?,
             f32_slice(us, ul, "conv2d", "weight")?,
         );
-        let total = g.b * g.c_out * g.ho * g.wo;
-        let block_rows = g.b * g.th;
-        let threads = rayon::current_num_threads().max(1);
-        let per_chunk = (CHUNK_FLOATS / (16 * (g.c_in + g.c_out) * g.tw))
-            .max(1)
-            .min(block_rows.div_ceil(threads).max(1));
-        let chunks: Vec<Range<usize>> = (0..block_rows)
-            .step_by(per_chunk)
-            .map(|r| r..(r + per_chunk).min(block_rows))
-            .collect();
-        let (parallel, par) = if threads > 1 && chunks.len() >= threads {
-            (true, Parallelism::None)
-        } else if threads > 1 {
-            (false, Parallelism::Rayon(threads))
-        } else {
-            (false, Parallelism::None)
-        };
-        let mut y: Vec<f32> = Vec::with_capacity(total);
-        let out = Out(y.as_mut_ptr());
-        let (ci, co) = (g.c_in, g.c_out);
-        let run = |rows: &Range<usize>| {
-            let len = rows.len() * g.tw;
-            with_buffer(&COLUMNS, 16 * ci * len, |v| {
-                g.transform_input(x, rows.clone(), v);
-                with_buffer(&BLOCK, 16 * co * len, |m| {
-                    for xi in 0..16 {
-                        let (uxi, vxi) = (
-                            &u[xi * co * ci..][..co * ci],
-                            &v[xi * ci * len..][..ci * len],
-                        );
-                        let dst = m[xi * co * len..][..co * len].as_mut_ptr();
-                        // SAFETY: `m` is this thread's buffer and holds co × len values here.
-                        unsafe {
-                            matmul(
-                                co,
-                                len,
-                                ci,
-                                dst,
-                                len,
-                                false,
-                                uxi,
-                                (ci, 1),
-                                vxi,
-                                (len, 1),
-                                par,
-                            )
-                        };
-                    }
-                    // SAFETY: chunks hold disjoint block rows, so disjoint output rows.
-                    unsafe { g.transform_output(m, rows.clone(), out) };
-                });
-            });
-        };
-        if parallel {
-            chunks.par_iter().for_each(run);
-        } else {
-            chunks.iter().for_each(run);
-        }
-        // SAFETY: every output pixel lies in exactly one 2×2 block, written above.
-        unsafe { y.set_len(total) };
-        Ok((CpuStorage::F32(y), Shape::from((g.b, g.c_out, g.ho, g.wo))))
+        forward(x, xl.dims(), u, ul.dims(), self.padding)
     }
 
     fn bwd(
@@ -342,6 +286,79 @@ pub fn conv3x3(x: &Tensor, u: &Tensor, weight: &Tensor, padding: usize) -> Resul
             weight: weight.clone(),
         },
     )
+}
+
+/// The Winograd convolution of `x` (`x_dims` = (b, c_in, h, w)) with the transformed weight `u`
+/// (`u_dims` = (16, c_out, c_in)), 3×3 kernel, stride 1, `padding`.
+pub(crate) fn forward(
+    x: &[f32],
+    x_dims: &[usize],
+    u: &[f32],
+    u_dims: &[usize],
+    padding: usize,
+) -> Result<(CpuStorage, Shape)> {
+    let g = Geometry::new(x_dims, u_dims, padding)?;
+    let total = g.b * g.c_out * g.ho * g.wo;
+    let block_rows = g.b * g.th;
+    let threads = rayon::current_num_threads().max(1);
+    let per_chunk = (CHUNK_FLOATS / (16 * (g.c_in + g.c_out) * g.tw))
+        .max(1)
+        .min(block_rows.div_ceil(threads).max(1));
+    let chunks: Vec<Range<usize>> = (0..block_rows)
+        .step_by(per_chunk)
+        .map(|r| r..(r + per_chunk).min(block_rows))
+        .collect();
+    let (parallel, par) = if threads > 1 && chunks.len() >= threads {
+        (true, Parallelism::None)
+    } else if threads > 1 {
+        (false, Parallelism::Rayon(threads))
+    } else {
+        (false, Parallelism::None)
+    };
+    let mut y: Vec<f32> = Vec::with_capacity(total);
+    let out = Out(y.as_mut_ptr());
+    let (ci, co) = (g.c_in, g.c_out);
+    let run = |rows: &Range<usize>| {
+        let len = rows.len() * g.tw;
+        with_buffer(&COLUMNS, 16 * ci * len, |v| {
+            g.transform_input(x, rows.clone(), v);
+            with_buffer(&BLOCK, 16 * co * len, |m| {
+                for xi in 0..16 {
+                    let (uxi, vxi) = (
+                        &u[xi * co * ci..][..co * ci],
+                        &v[xi * ci * len..][..ci * len],
+                    );
+                    let dst = m[xi * co * len..][..co * len].as_mut_ptr();
+                    // SAFETY: `m` is this thread's buffer and holds co × len values here.
+                    unsafe {
+                        matmul(
+                            co,
+                            len,
+                            ci,
+                            dst,
+                            len,
+                            false,
+                            uxi,
+                            (ci, 1),
+                            vxi,
+                            (len, 1),
+                            par,
+                        )
+                    };
+                }
+                // SAFETY: chunks hold disjoint block rows, so disjoint output rows.
+                unsafe { g.transform_output(m, rows.clone(), out) };
+            });
+        });
+    };
+    if parallel {
+        chunks.par_iter().for_each(run);
+    } else {
+        chunks.iter().for_each(run);
+    }
+    // SAFETY: every output pixel lies in exactly one 2×2 block, written above.
+    unsafe { y.set_len(total) };
+    Ok((CpuStorage::F32(y), Shape::from((g.b, g.c_out, g.ho, g.wo))))
 }
 
 /// Whether a convolution of `x` `(b, c, h, w)` with a 3×3 stride-1 kernel is worth Winograd
