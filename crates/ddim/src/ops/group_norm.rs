@@ -335,7 +335,7 @@ impl candle_core::Module for GroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_diff, randn};
+    use crate::ops::testing::{assert_same_gradients, max_diff, randn};
     use candle_core::{Device, Var};
 
     /// Forward and all three gradients equal candle_nn's GroupNorm and its autograd.
@@ -369,23 +369,7 @@ mod tests {
                 "forward {}",
                 max_diff(&ours, &theirs)
             );
-            let weights = randn(&[b, c, h, w], s + 30, 1.0, 0.0);
-            let g1 = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (theirs * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &gamma, &beta] {
-                let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
-                assert!(d < 1e-4, "gradient of {:?}: {d}", v.dims());
-            }
+            assert_same_gradients(&ours, &theirs, &[&x, &gamma, &beta], s + 30, 1e-4);
         }
     }
 
@@ -411,23 +395,7 @@ mod tests {
             .silu()
             .unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let weights = randn(&[b, c, h, w], 4, 1.0, 0.0);
-        let g1 = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for v in [&x, &gamma, &beta] {
-            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
-            assert!(d < 1e-4, "gradient of {:?}: {d}", v.dims());
-        }
+        assert_same_gradients(&ours, &theirs, &[&x, &gamma, &beta], 4, 1e-4);
     }
 
     #[test]

@@ -42,6 +42,25 @@ pub(crate) mod testing {
         Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
     }
 
+    /// Backpropagates `sum(out · w)` (w random from `seed`) through `ours` and through `theirs`
+    /// (two computations of the same values) and asserts that every var's gradients agree
+    /// within `tol`.
+    pub fn assert_same_gradients(
+        ours: &Tensor,
+        theirs: &Tensor,
+        vars: &[&candle_core::Var],
+        seed: u64,
+        tol: f32,
+    ) {
+        let w = randn(ours.dims(), seed, 1.0, 0.0);
+        let grads = |t: &Tensor| (t * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(ours), grads(theirs));
+        for v in vars {
+            let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < tol, "gradient of {:?}: {d}", v.dims());
+        }
+    }
+
     /// The largest absolute difference of two tensors of one shape.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

@@ -375,7 +375,7 @@ pub(crate) fn worth_it(x: &[usize], padding: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_diff, randn};
+    use crate::ops::testing::{assert_same_gradients, max_diff, randn};
     use candle_core::Var;
 
     /// Winograd equals candle's direct convolution (forward, and the input gradient), for
@@ -416,21 +416,7 @@ mod tests {
                 "{seed}: {}",
                 max_diff(&ours, &theirs)
             );
-            let weights = randn(ours.dims(), 90 + s, 1.0, 0.0);
-            let g1 = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (theirs * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let (a, b) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
-            assert!(max_diff(a, b) < 1e-4, "input gradient {seed}");
+            assert_same_gradients(&ours, &theirs, &[&x], 90 + s, 1e-4);
         }
     }
 
