@@ -35,18 +35,18 @@ const COL_TILE_FLOATS: usize = if cfg!(test) { 1 << 9 } else { 1 << 20 };
 
 /// The geometry of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    ho: usize,
-    wo: usize,
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) c_in: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c_out: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
 }
 
 /// Output columns computed by one GEMM: output rows `rows` of the images `images` (all rows
@@ -64,7 +64,7 @@ impl Tile {
 }
 
 impl Geometry {
-    fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
         let (&[b, c_in, h, wd], &[c_out, c_in_w, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected (b, c, h, w) input and (o, c, kh, kw) weight, got {x:?} and {w:?}")
         };
@@ -410,8 +410,8 @@ impl CustomOp2 for Conv2dOp {
         {
             // Winograd with the weight transformed now (a training step changes it every time;
             // the transform costs ~40 flops per weight, the convolution 2·B·H·W per weight).
-            let u = super::winograd::transform_weight_values(w);
-            return super::winograd::forward(x, xl.dims(), &u, &[16, g.c_out, g.c_in], g.padding);
+            let u = super::winograd::transform_weight_values(w, g.c_out, g.c_in);
+            return super::winograd::forward(x, &g, &u);
         }
         let (k, n, total) = (g.k(), g.n(), g.b * g.per_out());
         let tiles = g.tiles();
@@ -605,16 +605,16 @@ impl CustomOp2 for Conv2dInputGrad {
                         tile.images.len() * g.per_in(),
                     )
                 };
-                if g.is_pointwise() && tile.images.len() == 1 {
-                    // Wᵀ (k × c_out) · dy (c_out × cols), straight into dx (row stride n)
-                    let dst = dxs[tile.rows.start * g.wo..].as_mut_ptr();
+                // Wᵀ (k × c_out) · dy (c_out × cols) into `dst` with row stride `rs`
+                let step = |dst: *mut f32, rs: usize| {
+                    // SAFETY: callers pass k rows of `cols` values at stride `rs` of their own.
                     unsafe {
                         matmul(
                             k,
                             cols,
                             g.c_out,
                             dst,
-                            g.n(),
+                            rs,
                             false,
                             w,
                             (1, k),
@@ -622,26 +622,15 @@ impl CustomOp2 for Conv2dInputGrad {
                             (ld, 1),
                             par,
                         )
-                    };
+                    }
+                };
+                if g.is_pointwise() && tile.images.len() == 1 {
+                    // a 1×1 kernel's columns are dx itself (row stride n)
+                    step(dxs[tile.rows.start * g.wo..].as_mut_ptr(), g.n());
                     continue;
                 }
                 with_columns(k * cols, |col| {
-                    // SAFETY: `col` holds k × cols values.
-                    unsafe {
-                        matmul(
-                            k,
-                            cols,
-                            g.c_out,
-                            col.as_mut_ptr(),
-                            cols,
-                            false,
-                            w,
-                            (1, k),
-                            dyt,
-                            (ld, 1),
-                            par,
-                        )
-                    };
+                    step(col.as_mut_ptr(), cols);
                     let per = g.rows_cols(tile);
                     for slot in 0..tile.images.len() {
                         let dxb = &mut dxs[slot * g.per_in()..][..g.per_in()];
@@ -702,9 +691,8 @@ impl CustomOp2 for Conv2dWeightGrad {
                 let cols = tile.cols(&g);
                 let (dyt, ld) = dy_tile(&g, dy, tile, &mut block);
                 let dst = dw.as_mut_ptr();
-                // dy (c_out × cols) · colᵀ (cols × k)
-                if g.is_pointwise() && tile.images.len() == 1 {
-                    let xb = &x[tile.images.start * g.per_in() + tile.rows.start * g.wo..];
+                // dy (c_out × cols) · colᵀ (cols × k), colᵀ read with column stride `cs`
+                let step = |col: &[f32], cs: usize| {
                     // SAFETY: `dw` is this group's own c_out × k buffer.
                     unsafe {
                         matmul(
@@ -716,32 +704,24 @@ impl CustomOp2 for Conv2dWeightGrad {
                             i > 0,
                             dyt,
                             (ld, 1),
-                            xb,
-                            (1, n),
-                            par,
-                        )
-                    };
-                    continue;
-                }
-                with_columns(k * cols, |col| {
-                    g.im2col_tile(x, tile, col);
-                    // SAFETY: as above.
-                    unsafe {
-                        matmul(
-                            g.c_out,
-                            k,
-                            cols,
-                            dst,
-                            k,
-                            i > 0,
-                            dyt,
-                            (ld, 1),
                             col,
-                            (1, cols),
+                            (1, cs),
                             par,
                         )
-                    };
-                });
+                    }
+                };
+                if g.is_pointwise() && tile.images.len() == 1 {
+                    // a 1×1 kernel's columns are the input itself
+                    step(
+                        &x[tile.images.start * g.per_in() + tile.rows.start * g.wo..],
+                        n,
+                    );
+                } else {
+                    with_columns(k * cols, |col| {
+                        g.im2col_tile(x, tile, col);
+                        step(col, cols);
+                    });
+                }
             }
             dw
         };

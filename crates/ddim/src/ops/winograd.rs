@@ -19,7 +19,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{matmul, with_buffer, Out, BLOCK, COLUMNS};
+use super::conv::{matmul, with_buffer, Geometry as ConvGeometry, Out, BLOCK, COLUMNS};
 use super::f32_slice;
 
 /// Scratch values per chunk of blocks (input and product transforms together): 4 MiB, as
@@ -39,12 +39,21 @@ pub fn transform_weight(w: &Tensor) -> Result<Tensor> {
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    Tensor::from_vec(transform_weight_values(&g), (16, c_out, c_in), w.device())
+    Tensor::from_vec(
+        transform_weight_values(&g, c_out, c_in),
+        (16, c_out, c_in),
+        w.device(),
+    )
 }
 
 /// [`transform_weight`] on the values of a `(c_out, c_in, 3, 3)` weight.
-pub(crate) fn transform_weight_values(g: &[f32]) -> Vec<f32> {
-    let pairs = g.len() / 9;
+pub(crate) fn transform_weight_values(g: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    let pairs = c_out * c_in;
+    assert_eq!(
+        g.len(),
+        9 * pairs,
+        "winograd: weight is not {c_out}x{c_in}x3x3"
+    );
     let mut u = vec![0f32; 16 * pairs];
     for (pair, k) in g.chunks_exact(9).enumerate() {
         // t = G g (4 × 3), then U = t Gᵀ (4 × 4); G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
@@ -67,49 +76,38 @@ pub(crate) fn transform_weight_values(g: &[f32]) -> Vec<f32> {
     u
 }
 
-/// The geometry of one Winograd convolution.
+/// The geometry of one Winograd convolution: a 3×3, stride-1 [`ConvGeometry`] and its
+/// 2×2 output blocks.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    padding: usize,
-    ho: usize,
-    wo: usize,
-    /// 2×2 output blocks per row and per column.
+    conv: ConvGeometry,
+    /// 2×2 output blocks per column and per row.
     th: usize,
     tw: usize,
 }
 
+impl std::ops::Deref for Geometry {
+    type Target = ConvGeometry;
+
+    fn deref(&self) -> &ConvGeometry {
+        &self.conv
+    }
+}
+
 impl Geometry {
-    fn new(x: &[usize], u: &[usize], padding: usize) -> Result<Self> {
-        let (&[b, c_in, h, w], &[16, c_out, c_in_u]) = (x, u) else {
+    fn new(conv: &ConvGeometry) -> Result<Self> {
+        if (conv.kh, conv.kw, conv.stride) != (3, 3, 1) {
             candle_core::bail!(
-                "winograd: expected (b, c, h, w) input and (16, o, c) weight, got {x:?} and {u:?}"
-            )
-        };
-        if c_in != c_in_u {
-            candle_core::bail!("winograd: input has {c_in} channels, weight expects {c_in_u}")
-        }
-        if h + 2 * padding < 3 || w + 2 * padding < 3 {
-            candle_core::bail!(
-                "winograd: 3x3 kernel with padding {padding} does not fit input {h}x{w}"
+                "winograd: needs a 3x3 kernel with stride 1, got {}x{} stride {}",
+                conv.kh,
+                conv.kw,
+                conv.stride
             )
         }
-        let (ho, wo) = (h + 2 * padding - 2, w + 2 * padding - 2);
         Ok(Geometry {
-            b,
-            c_in,
-            h,
-            w,
-            c_out,
-            padding,
-            ho,
-            wo,
-            th: ho.div_ceil(2),
-            tw: wo.div_ceil(2),
+            conv: *conv,
+            th: conv.ho.div_ceil(2),
+            tw: conv.wo.div_ceil(2),
         })
     }
 
@@ -257,11 +255,20 @@ impl CustomOp2 for WinogradConv {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let conv = ConvGeometry::new(xl.dims(), self.weight.dims(), 1, self.padding)?;
+        if ul.dims() != [16, conv.c_out, conv.c_in] {
+            candle_core::bail!(
+                "winograd: transformed weight has shape {:?}, expected {:?} for a {:?} kernel",
+                ul.dims(),
+                [16, conv.c_out, conv.c_in],
+                self.weight.dims()
+            )
+        }
         let (x, u) = (
             f32_slice(xs, xl, "conv2d", "input")?,
             f32_slice(us, ul, "conv2d", "weight")?,
         );
-        forward(x, xl.dims(), u, ul.dims(), self.padding)
+        forward(x, &conv, u)
     }
 
     fn bwd(
@@ -288,16 +295,17 @@ pub fn conv3x3(x: &Tensor, u: &Tensor, weight: &Tensor, padding: usize) -> Resul
     )
 }
 
-/// The Winograd convolution of `x` (`x_dims` = (b, c_in, h, w)) with the transformed weight `u`
-/// (`u_dims` = (16, c_out, c_in)), 3×3 kernel, stride 1, `padding`.
-pub(crate) fn forward(
-    x: &[f32],
-    x_dims: &[usize],
-    u: &[f32],
-    u_dims: &[usize],
-    padding: usize,
-) -> Result<(CpuStorage, Shape)> {
-    let g = Geometry::new(x_dims, u_dims, padding)?;
+/// The Winograd convolution `conv` (3×3, stride 1) of `x` with the transformed weight `u`
+/// from [`transform_weight_values`].
+pub(crate) fn forward(x: &[f32], conv: &ConvGeometry, u: &[f32]) -> Result<(CpuStorage, Shape)> {
+    let g = Geometry::new(conv)?;
+    if u.len() != 16 * g.c_out * g.c_in || x.len() != g.b * g.c_in * g.h * g.w {
+        candle_core::bail!(
+            "winograd: {} input or {} weight values do not fit {conv:?}",
+            x.len(),
+            u.len()
+        )
+    }
     let total = g.b * g.c_out * g.ho * g.wo;
     let block_rows = g.b * g.th;
     let threads = rayon::current_num_threads().max(1);
@@ -428,7 +436,15 @@ mod tests {
             padding: 1,
             weight: randn(&[2, 4, 3, 3], 1, 1.0, 0.0),
         };
-        assert!(x.apply_op2(&u, op).is_err());
+        let err = x.apply_op2(&u, op).unwrap_err().to_string();
+        assert!(err.contains("3 channels"), "{err}");
+        // a transformed weight that is not the kernel's
+        let op = WinogradConv {
+            padding: 1,
+            weight: randn(&[2, 3, 3, 3], 1, 1.0, 0.0),
+        };
+        let err = x.apply_op2(&u, op).unwrap_err().to_string();
+        assert!(err.contains("[16, 2, 3]"), "{err}");
         assert!(transform_weight(&randn(&[2, 3, 1, 1], 1, 1.0, 0.0)).is_err());
     }
 }
