@@ -96,10 +96,25 @@ fn unet_forward(c: &mut Criterion) {
         "/tests/fixtures/hub-configs/google--ddpm-cifar10-32/config.json"
     );
     let (cfg, _) = UNet2DConfig::from_file(std::path::Path::new(path)).unwrap();
+    // Random weights from the training initialisation, then held as plain tensors, as a
+    // loaded model holds them: training variables would keep Conv2d on im2col (no Winograd).
     let vars = VarMap::new();
-    let unet = UNet2DModel::new(
+    UNet2DModel::new(
         &cfg,
         VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let weights: std::collections::HashMap<String, Tensor> = vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    assert!(weights.values().all(|w| !w.is_variable()));
+    let unet = UNet2DModel::new(
+        &cfg,
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
     )
     .unwrap();
     let mut g = c.benchmark_group("unet_forward");
