@@ -24,6 +24,34 @@ pub enum DeviceArg {
     Metal,
 }
 
+/// A floating-point dtype, for weights (`ddim convert`) or for the UNet's computation.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The dtype the UNet computes in, for the commands that run it.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// The dtype the UNet computes in; its weights are converted at load, and the scheduler
+    /// always works in f32. f32 is the fastest on the CPU (candle's f16 CPU kernels are slower
+    /// and it has no bf16 matrix product there); f16 and bf16 are for --device cuda or metal.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+}
+
 /// The arguments every command that runs a model takes.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -139,15 +167,28 @@ pub fn model_dir(spec: &str, quiet: bool) -> Result<PathBuf> {
     Ok(ddim::hub::resolve_model_with(spec, &options)?)
 }
 
-/// Loads the UNet and the folder's scheduler config, warning about keys we do not know.
-pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<Model> {
+/// Loads the UNet in `dtype` and the folder's scheduler config, warning about keys we do not
+/// know.
+pub fn load_model(
+    args: &ModelArgs,
+    spacing: Option<TimestepSpacing>,
+    dtype: DType,
+) -> Result<Model> {
     let device = device(args.device)?;
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(UsageError(
+            "--dtype bf16 needs --device cuda or metal: candle has no bf16 matrix product on \
+             the CPU; use f32 (the fastest there) or f16"
+                .into(),
+        )
+        .into());
+    }
     let Some(spec) = args.model.as_deref() else {
         let (config, unet) = ddim::loader::load_unet_from_bytes(
             builtin::CONFIG,
             builtin::WEIGHTS.to_vec(),
             "built-in model",
-            DType::F32,
+            dtype,
             &device,
         )
         .context("loading the built-in model")?;
@@ -168,7 +209,7 @@ pub fn load_model(args: &ModelArgs, spacing: Option<TimestepSpacing>) -> Result<
         });
     };
     let dir = model_dir(spec, args.quiet)?;
-    let loaded = load_unet(&dir, DType::F32, &device)
+    let loaded = load_unet(&dir, dtype, &device)
         .with_context(|| format!("loading the UNet from {}", dir.display()))?;
     if let Some(first) = loaded.non_finite_tensors.first() {
         eprintln!(

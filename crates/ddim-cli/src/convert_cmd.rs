@@ -5,19 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::DType;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ddim::scheduler::SchedulerKind;
 
-use crate::common::{self, ModelArgs};
+use crate::common::{self, DTypeArg, ModelArgs};
 use crate::UsageError;
-
-/// The dtype of the written weights.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum DTypeArg {
-    F32,
-    F16,
-    Bf16,
-}
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
@@ -45,7 +37,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         .into());
     }
     // Loading checks that config and weights agree.
-    let model = common::load_model(&args.model, None)?;
+    let model = common::load_model(&args.model, None, DType::F32)?;
     let tensors = match &model.files {
         Some(files) => ddim::loader::read_unet_tensors(&files.weights)
             .with_context(|| format!("reading {}", files.weights.path().display()))?,
@@ -59,11 +51,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             v
         }
     };
-    let dtype = match args.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = args.dtype.dtype();
     let tensors = tensors
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))

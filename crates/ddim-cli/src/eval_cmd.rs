@@ -17,7 +17,7 @@ use ddim::scheduler::DDIMScheduler;
 use ddim::train::{Dataset, Fit, BUILTIN_DATASETS};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::common::{self, ModelArgs};
+use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::plot::{self, LineChart, Series};
 use crate::UsageError;
 
@@ -25,6 +25,8 @@ use crate::UsageError;
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The real images: a built-in set (digits: 1,797 8×8; mnist5k: 5,000 28×28), which gets
     /// every metric, or a folder of PNG/JPEG images of the model's size and channels, which gets
     /// the pixel-space FD only.
@@ -124,7 +126,7 @@ fn usage(msg: String) -> anyhow::Error {
 pub fn run(args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let (steps, etas) = check_grid(&args)?;
-    let model = common::load_model(&args.model, None)?;
+    let model = common::load_model(&args.model, None, args.compute.dtype.dtype())?;
     let [_, channels, height, width] = pipeline::noise_shape(&model.unet, 1)?;
     if height != width {
         return Err(usage(format!(

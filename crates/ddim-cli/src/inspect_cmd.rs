@@ -57,7 +57,7 @@ fn builtin_parameters() -> Result<usize> {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let model = common::load_model(&args.model, None)?;
+    let model = common::load_model(&args.model, None, candle_core::DType::F32)?;
     let params = match &model.files {
         Some(files) => {
             say!("model folder: {}", model.source);

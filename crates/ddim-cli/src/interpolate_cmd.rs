@@ -9,7 +9,7 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ModelArgs};
+use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::sample_cmd::RngArg;
 use crate::UsageError;
 
@@ -17,6 +17,8 @@ use crate::UsageError;
 pub struct InterpolateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The seed of the first end.
     #[arg(long)]
     pub seed_a: u64,
@@ -85,7 +87,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         .as_deref()
         .map(TimestepSpacing::from_name)
         .transpose()?;
-    let model = common::load_model(&args.model, spacing)?;
+    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let end = |seed| match args.rng {
         RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),

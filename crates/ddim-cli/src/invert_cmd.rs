@@ -10,12 +10,14 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ModelArgs};
+use crate::common::{self, ComputeArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct InvertArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The image to invert (PNG/JPEG, resized to the model's size) or x_0 as an NCHW float32 .npy
     /// in model space.
     #[arg(long, short = 'i', value_name = "IMAGE|x0.npy")]
@@ -52,7 +54,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
     {
         common::refuse_existing(path, args.overwrite)?;
     }
-    let model = common::load_model(&args.model, spacing)?;
+    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let is_npy = args
         .input

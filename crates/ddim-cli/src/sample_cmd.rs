@@ -11,7 +11,7 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ModelArgs};
+use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::UsageError;
 
 /// The sampler.
@@ -39,6 +39,8 @@ pub enum RngArg {
 pub struct SampleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// The sampler.
     #[arg(long, value_enum, default_value = "ddim")]
     pub scheduler: SamplerArg,
@@ -229,7 +231,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         check_shard(&args, shard, single_file)?;
     }
 
-    let model = common::load_model(&args.model, spacing)?;
+    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
     let shape1 = pipeline::noise_shape(&model.unet, 1)?;
 
     // x_T from a file, if given
