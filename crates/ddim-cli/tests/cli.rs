@@ -1037,27 +1037,26 @@ fn train_ctrl_c_saves_and_the_resumed_run_matches() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `ddim sample -n 2 --steps 4` of the built-in model with `extra` flags, into `dir/name/`;
+/// returns its samples as `--save-tensor` wrote them (`dir/name.npy`).
+fn sample_builtin(dir: &std::path::Path, name: &str, extra: &[&str]) -> ddim::npy::NpyArray {
+    let (out, npy) = (dir.join(name), dir.join(format!("{name}.npy")));
+    let mut args = vec!["sample", "-n", "2", "--steps", "4", "-q"];
+    args.extend(["-o", out.to_str().unwrap()]);
+    args.extend(["--save-tensor", npy.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let o = ddim(&args);
+    assert!(o.status.success(), "{name}: {}", stderr(&o));
+    ddim::npy::read_npy(&npy).unwrap()
+}
+
 #[test]
 fn sample_without_model_uses_the_built_in_mnist_model() {
     let dir = tmp("builtin");
-    let out = dir.join("o");
-    let npy = dir.join("x0.npy");
-    let o = ddim(&[
-        "sample",
-        "-n",
-        "2",
-        "--steps",
-        "4",
-        "-q",
-        "-o",
-        out.to_str().unwrap(),
-        "--save-tensor",
-        npy.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let x0 = ddim::npy::read_npy(&npy).unwrap();
+    let x0 = sample_builtin(&dir, "o", &[]);
     assert_eq!(x0.shape, [2, 1, 28, 28]);
-    let img = ddim::image_io::load_image(&out.join("sample_s0_000000.png"), 1, None).unwrap();
+    let img =
+        ddim::image_io::load_image(&dir.join("o").join("sample_s0_000000.png"), 1, None).unwrap();
     assert_eq!(img.dims(), &[1, 1, 28, 28]);
     let o = ddim(&["inspect"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -1070,25 +1069,7 @@ fn sample_without_model_uses_the_built_in_mnist_model() {
 #[test]
 fn sample_in_f16_stays_close_to_f32_and_bf16_on_the_cpu_is_refused() {
     let dir = tmp("dtype");
-    let run = |dtype: &str| {
-        let npy = dir.join(format!("{dtype}.npy"));
-        let o = ddim(&[
-            "sample",
-            "-n",
-            "2",
-            "--steps",
-            "4",
-            "-q",
-            "--dtype",
-            dtype,
-            "-o",
-            dir.join(dtype).to_str().unwrap(),
-            "--save-tensor",
-            npy.to_str().unwrap(),
-        ]);
-        assert!(o.status.success(), "{dtype}: {}", stderr(&o));
-        ddim::npy::read_npy(&npy).unwrap()
-    };
+    let run = |dtype: &str| sample_builtin(&dir, dtype, &["--dtype", dtype]);
     let (full, half) = (run("f32"), run("f16"));
     assert_eq!(full.shape, half.shape);
     let per = full.data.len() / 2;
