@@ -175,14 +175,8 @@ pub fn load_model(
     dtype: DType,
 ) -> Result<Model> {
     let device = device(args.device)?;
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(UsageError(
-            "--dtype bf16 needs --device cuda or metal: candle has no bf16 matrix product on \
-             the CPU; use f32 (the fastest there) or f16"
-                .into(),
-        )
-        .into());
-    }
+    // Before a hub download, not after it.
+    ddim::loader::check_dtype(dtype, &device)?;
     let Some(spec) = args.model.as_deref() else {
         let (config, unet) = ddim::loader::load_unet_from_bytes(
             builtin::CONFIG,

@@ -1097,7 +1097,7 @@ fn sample_in_f16_stays_close_to_f32_and_bf16_on_the_cpu_is_refused() {
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     assert!(
-        err.contains("--dtype bf16") && err.contains("--device cuda"),
+        err.contains("`dtype` = bf16") && err.contains("CUDA or Metal"),
         "{err}"
     );
     assert!(

@@ -289,6 +289,27 @@ fn bad_weights(path: &Path, mut e: candle_core::Error) -> Error {
     }
 }
 
+/// Checks that a UNet can run in `dtype` on `device` before anything is loaded: f32, f16 and
+/// f64 anywhere, bf16 only on CUDA or Metal (candle has no bf16 matrix product on the CPU, so a
+/// bf16 model there would only fail at its first forward pass), integer dtypes nowhere. The
+/// loaders below call it; a caller that downloads weights first can call it earlier.
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    let allowed = match dtype {
+        DType::F32 | DType::F16 | DType::F64 => return Ok(()),
+        DType::BF16 if !device.is_cpu() => return Ok(()),
+        DType::BF16 => {
+            "bf16 needs a CUDA or Metal device: candle has no bf16 matrix product on the CPU; \
+             there use f32 (the fastest) or f16"
+        }
+        _ => "a float dtype: f32, f16, bf16 (CUDA or Metal) or f64",
+    };
+    Err(Error::InvalidArgument {
+        name: "dtype".into(),
+        value: dtype.as_str().into(),
+        allowed: allowed.into(),
+    })
+}
+
 /// Builds the model from `store`, listing every missing, unexpected or misshapen tensor (named
 /// after `path`) in one error; also returns the names of tensors holding NaN or infinities.
 fn build_checked(
@@ -298,6 +319,7 @@ fn build_checked(
     dtype: DType,
     device: &Device,
 ) -> Result<(UNet2DModel, Vec<String>)> {
+    check_dtype(dtype, device)?;
     let checked = CheckedStore::new(store)?;
     let log = checked.log.clone();
     let stored = checked.tensors.clone();

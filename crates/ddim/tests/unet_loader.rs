@@ -247,3 +247,24 @@ fn unreadable_bin_names_the_file() {
     let msg = load_err(&tmp.0).to_string();
     assert!(msg.contains("diffusion_pytorch_model.bin"), "{msg}");
 }
+
+/// bf16 on the CPU and integer dtypes are refused by name before any weight is read; f16 loads.
+#[test]
+fn dtypes_that_cannot_run_are_refused_at_load() {
+    let dir = fixture("misc");
+    for (dtype, says) in [(DType::BF16, "CUDA or Metal"), (DType::U8, "a float dtype")] {
+        match load_unet(&dir, dtype, &Device::Cpu).expect_err("should be refused") {
+            Error::InvalidArgument {
+                name,
+                value,
+                allowed,
+            } => {
+                assert_eq!((name.as_str(), value.as_str()), ("dtype", dtype.as_str()));
+                assert!(allowed.contains(says), "{allowed}");
+            }
+            other => panic!("{dtype:?}: unexpected error {other}"),
+        }
+    }
+    let unet = load_unet(&dir, DType::F16, &Device::Cpu).unwrap();
+    assert_eq!(unet.model.dtype(), DType::F16);
+}
