@@ -26,6 +26,10 @@ use super::f32_slice;
 /// [`super::conv`]'s column tiles. Unit tests use a tiny one to cut images into many chunks.
 const CHUNK_FLOATS: usize = if cfg!(test) { 1 << 10 } else { 1 << 20 };
 
+/// The fewest 2×2 blocks a chunk gets when the image has them: one full micro-kernel height of
+/// the `gemm` crate's f32 AVX kernels.
+const MIN_GEMM_ROWS: usize = 16;
+
 /// Below this many 2×2 output blocks per thread, the 16 GEMMs are too thin and im2col wins.
 pub(crate) const MIN_BLOCKS_PER_THREAD: usize = 8;
 
@@ -309,9 +313,15 @@ pub(crate) fn forward(x: &[f32], conv: &ConvGeometry, u: &[f32]) -> Result<(CpuS
     let total = g.b * g.c_out * g.ho * g.wo;
     let block_rows = g.b * g.th;
     let threads = rayon::current_num_threads().max(1);
+    // `gemm` computes our row-major products as their transposes, so a chunk's block count is
+    // the row count of its micro-kernel, which takes 16 rows at a time (two AVX registers):
+    // thinner chunks (8×8 images at batch 1) ran its half-empty 8-row edge kernel. Such
+    // images go in fewer, wider chunks, and then `gemm` spreads over the threads instead.
     let per_chunk = (CHUNK_FLOATS / (16 * (g.c_in + g.c_out) * g.tw))
         .max(1)
-        .min(block_rows.div_ceil(threads).max(1));
+        .min(block_rows.div_ceil(threads).max(1))
+        .max(MIN_GEMM_ROWS.div_ceil(g.tw))
+        .min(block_rows.max(1));
     let chunks: Vec<Range<usize>> = (0..block_rows)
         .step_by(per_chunk)
         .map(|r| r..(r + per_chunk).min(block_rows))
