@@ -60,7 +60,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    configure_threads();
+    ddim::configure_cpu_threads();
     let result = match cli.command {
         Command::Sample(args) => sample_cmd::run(args),
         Command::Invert(args) => invert_cmd::run(args),
@@ -88,30 +88,6 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&err))
         }
     }
-}
-
-/// Sets up the two thread pools the CPU work runs on, before either exists.
-///
-/// - candle 0.11 runs its element-wise ops (unary maps, and binary ones of 64 Ki elements or
-///   more) on a pool of its own, `CANDLE_NUM_THREADS - 1` workers that spin for 25,000 rounds
-///   after every op before they sleep. Our kernels and the matrix products run on rayon's pool,
-///   so those spinning workers took a core from it after every residual addition: 10% of a
-///   batch-1 sampling profile on 2 cores. Unless the user sets `CANDLE_NUM_THREADS`, it is set
-///   to 1 here (no extra workers: those ops run on the calling thread; every element's value is
-///   the same either way).
-/// - The main thread is made one of rayon's global pool threads (RAYON_NUM_THREADS or the core
-///   count in all), so that the work it does between parallel sections does not compete for a
-///   core with a full pool of spinning workers.
-fn configure_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // No other thread exists yet: clap's parsing is the only work done before this.
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-    // Fails only when the pool exists already; then it is used as it is.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(candle_core::utils::get_num_threads())
-        .use_current_thread()
-        .build_global();
 }
 
 /// 2 when the error comes from what the user gave us (arguments, files), 1 otherwise.

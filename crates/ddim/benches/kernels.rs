@@ -17,16 +17,8 @@ fn randn(seed: u64, dims: &[usize]) -> Tensor {
     Tensor::from_vec(TorchGenerator::new(seed).randn(n), dims, &Device::Cpu).unwrap()
 }
 
-/// The main thread joins rayon's pool, as in the `ddim` binary.
-fn pool() {
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(candle_core::utils::get_num_threads())
-        .use_current_thread()
-        .build_global();
-}
-
 fn conv(c: &mut Criterion) {
-    pool();
+    ddim::configure_cpu_threads();
     // (batch, c_in, size, c_out): the UNet's 3×3 convolutions at each level
     let shapes = [
         (16, 128, 32, 128),
@@ -69,7 +61,7 @@ fn conv(c: &mut Criterion) {
 }
 
 fn group_norm_silu(c: &mut Criterion) {
-    pool();
+    ddim::configure_cpu_threads();
     let mut g = c.benchmark_group("group_norm_silu");
     g.sample_size(20);
     for (b, ch, s) in [(16, 128, 32), (16, 256, 8), (1, 128, 32)] {
@@ -90,7 +82,7 @@ fn group_norm_silu(c: &mut Criterion) {
 }
 
 fn unet_forward(c: &mut Criterion) {
-    pool();
+    ddim::configure_cpu_threads();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/hub-configs/google--ddpm-cifar10-32/config.json"

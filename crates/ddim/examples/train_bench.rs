@@ -12,6 +12,7 @@ use candle_core::Device;
 use ddim::train::{self, Dataset, Fit, TrainConfig, Trainer};
 
 fn main() -> ddim::Result<()> {
+    ddim::configure_cpu_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let preset = arg(0, "small");

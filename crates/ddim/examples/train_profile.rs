@@ -7,6 +7,7 @@ use candle_nn::{VarBuilder, VarMap};
 use ddim::unet::UNet2DModel;
 
 fn main() -> ddim::Result<()> {
+    ddim::configure_cpu_threads();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -4,10 +4,7 @@
 //! The schedulers match diffusers 0.42 numerically (see [`scheduler`]); noise comes from
 //! generators the caller owns (see [`rng`]).
 //!
-//! On the CPU, our kernels and candle's matrix products run on rayon's thread pool, while
-//! candle 0.11 runs its element-wise ops on a second pool whose workers spin after every op.
-//! Programs that sample on few cores should set `CANDLE_NUM_THREADS=1` before their first
-//! tensor op, as the `ddim` binary does (10% faster at batch 1 on 2 cores; same values).
+//! On the CPU, call [`configure_cpu_threads`] first thing in `main`, as the `ddim` binary does.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -42,3 +39,27 @@ pub mod train;
 pub mod unet;
 
 pub use error::{Error, Result, WeightProblem};
+
+/// Sets up the CPU thread pools the way the `ddim` binary runs. Call it at the start of `main`,
+/// before any other thread or tensor exists; later calls change nothing.
+///
+/// - Our kernels and candle's matrix products run on rayon's global pool, but candle 0.11 runs
+///   its element-wise ops (unary ones, and binary ones of 64 Ki elements or more, such as a
+///   UNet's residual additions) on a second pool of `CANDLE_NUM_THREADS - 1` workers, which
+///   spin for 25,000 rounds after every op before they sleep. On 2 cores that spinning took a
+///   core from rayon's pool after every residual addition (10% of a batch-1 sampling profile).
+///   Unless `CANDLE_NUM_THREADS` is set, it is set to 1: no extra workers, those ops run on the
+///   calling thread, and every value stays the same.
+/// - The calling thread becomes one of rayon's global pool threads (`RAYON_NUM_THREADS` or the
+///   core count in all), so that the sequential work between parallel sections does not compete
+///   for a core with a full pool of spinning workers.
+pub fn configure_cpu_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // Fails only when the pool exists already; then it is used as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(candle_core::utils::get_num_threads())
+        .use_current_thread()
+        .build_global();
+}
