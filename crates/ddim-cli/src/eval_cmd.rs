@@ -60,8 +60,24 @@ pub struct EvalArgs {
     #[arg(long, short = 'o', value_name = "DIR", default_value = "eval")]
     pub output: PathBuf,
     /// Replace the results of an earlier run in --output.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Continue the run in --output: the cells already in its metrics.csv are kept, not
+    /// sampled again, and new --steps or --eta values add cells. The model, --data, -n, --seed,
+    /// --k and --dtype must be those of the run (they are kept in eval_settings.json).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// What makes the cells of two runs comparable; kept in `eval_settings.json` for `--resume`.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Settings {
+    model: String,
+    data: String,
+    num_samples: usize,
+    seed: u64,
+    k: usize,
+    dtype: String,
 }
 
 /// One metric: its CSV column, its title, and how it reads a cell's scores.
@@ -112,6 +128,7 @@ const METRICS: [Metric; 6] = [
 ];
 
 /// A finished cell.
+#[derive(Debug)]
 struct Cell {
     eta: f64,
     steps: usize,
@@ -155,10 +172,33 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let real = open_real(&args.data, channels, height)?;
     let csv_path = args.output.join("metrics.csv");
     let png_path = args.output.join("metrics.png");
+    let settings_path = args.output.join("eval_settings.json");
+    let settings = Settings {
+        model: model.source.clone(),
+        data: args.data.clone(),
+        num_samples: args.num_samples,
+        seed: args.seed,
+        k: args.k,
+        dtype: args.compute.dtype.dtype().as_str().to_string(),
+    };
     image_io::ensure_writable_dir(&args.output)?;
-    for path in [&csv_path, &png_path] {
-        common::refuse_existing(path, args.overwrite)?;
-    }
+    let mut cells: Vec<Cell> = if args.resume {
+        let done = read_run(&settings_path, &csv_path, &settings)?;
+        eprintln!(
+            "resuming {}: {} finished cell(s) kept",
+            args.output.display(),
+            done.len()
+        );
+        done
+    } else {
+        for path in [&csv_path, &png_path, &settings_path] {
+            common::refuse_existing(path, args.overwrite)?;
+        }
+        Vec::new()
+    };
+    let json = serde_json::to_string_pretty(&settings)?;
+    ddim::npy::write_atomically(&settings_path, |w| w.write_all(json.as_bytes()))
+        .with_context(|| format!("writing {}", settings_path.display()))?;
 
     eprintln!(
         "real: {} ({} images of {channels}×{height}×{width}); computing its statistics",
@@ -186,11 +226,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     let n = args.num_samples;
     let batch = args.batch_size.min(n);
-    let total: u64 = (n * steps.iter().sum::<usize>() * etas.len()) as u64;
+    let is_done = |cells: &[Cell], eta: f64, s: usize| -> bool {
+        cells.iter().any(|c| c.eta == eta && c.steps == s)
+    };
+    let total: u64 = etas
+        .iter()
+        .flat_map(|&eta| steps.iter().map(move |&s| (eta, s)))
+        .filter(|&(eta, s)| !is_done(&cells, eta, s))
+        .map(|(_, s)| (n * s) as u64)
+        .sum();
     let bar = progress(total, args.model.quiet);
-    let mut cells: Vec<Cell> = Vec::new();
     for &eta in &etas {
         for &s in &steps {
+            if is_done(&cells, eta, s) {
+                continue;
+            }
             bar.set_message(format!("eta {eta}, {s} steps"));
             let cell_started = Instant::now();
             let options = SampleOptions {
@@ -238,6 +288,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    // A resumed run's table and plot show every cell of the folder, old and new.
+    let mut etas = etas;
+    let mut steps = steps;
+    for c in &cells {
+        if !etas.contains(&c.eta) {
+            etas.push(c.eta);
+        }
+        if !steps.contains(&c.steps) {
+            steps.push(c.steps);
+        }
+    }
+    etas.sort_by(f64::total_cmp);
+    steps.sort_unstable();
+    cells.sort_by(|a, b| a.eta.total_cmp(&b.eta).then(a.steps.cmp(&b.steps)));
+    write_csv(&csv_path, &cells, n)?;
     write_plot(&png_path, &cells, &etas, evaluator.has_features())?;
 
     say!(
@@ -436,6 +501,13 @@ fn table(metric: &Metric, cells: &[Cell], etas: &[f64], steps: &[usize]) -> Stri
 }
 
 fn write_csv(path: &Path, cells: &[Cell], n: usize) -> Result<()> {
+    let text = csv_text(cells, n);
+    ddim::npy::write_atomically(path, |w| w.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn csv_text(cells: &[Cell], n: usize) -> String {
     let mut text = String::from("eta,steps,num_samples");
     for m in METRICS.iter() {
         text.push(',');
@@ -454,9 +526,119 @@ fn write_csv(path: &Path, cells: &[Cell], n: usize) -> Result<()> {
         }
         let _ = writeln!(text, ",{:.3}", c.seconds);
     }
-    ddim::npy::write_atomically(path, |w| w.write_all(text.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    text
+}
+
+/// The finished cells of the run in `--output`, after checking that its settings are `now`'s.
+fn read_run(settings_path: &Path, csv_path: &Path, now: &Settings) -> Result<Vec<Cell>> {
+    let text = std::fs::read_to_string(settings_path).map_err(|e| {
+        usage(format!(
+            "--resume: cannot read {} ({e}); it is written by ddim eval at the start of a run, \
+             so this folder holds no run to continue (drop --resume to start one)",
+            settings_path.display()
+        ))
+    })?;
+    let then: Settings = serde_json::from_str(&text).map_err(|e| {
+        usage(format!(
+            "--resume: {} is not a ddim eval settings file: {e}",
+            settings_path.display()
+        ))
+    })?;
+    let differ = |what: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
+        usage(format!(
+            "--resume: the run in {} used {what} {a}, this command {b}; cells of different \
+             settings are not comparable (use another --output, or the same {what})",
+            settings_path.parent().unwrap_or(Path::new(".")).display()
+        ))
+    };
+    if then.model != now.model {
+        return Err(differ("model", &then.model, &now.model));
+    }
+    if then.data != now.data {
+        return Err(differ("--data", &then.data, &now.data));
+    }
+    if then.num_samples != now.num_samples {
+        return Err(differ("--num-samples", &then.num_samples, &now.num_samples));
+    }
+    if then.seed != now.seed {
+        return Err(differ("--seed", &then.seed, &now.seed));
+    }
+    if then.k != now.k {
+        return Err(differ("--k", &then.k, &now.k));
+    }
+    if then.dtype != now.dtype {
+        return Err(differ("--dtype", &then.dtype, &now.dtype));
+    }
+    if !csv_path.exists() {
+        return Ok(Vec::new()); // stopped before its first cell finished
+    }
+    let text = std::fs::read_to_string(csv_path)
+        .with_context(|| format!("reading {}", csv_path.display()))?;
+    parse_csv(&text, now.num_samples).map_err(|e| {
+        usage(format!(
+            "--resume: {}: {e} (it should be the metrics.csv ddim eval wrote)",
+            csv_path.display()
+        ))
+    })
+}
+
+/// The cells of a `metrics.csv` written by [`write_csv`] for `n` samples per cell.
+fn parse_csv(text: &str, n: usize) -> std::result::Result<Vec<Cell>, String> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().ok_or("empty file")?.split(',').collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|&c| c == name)
+            .ok_or_else(|| format!("no column `{name}`"))
+    };
+    let (eta_at, steps_at, n_at, seconds_at) = (
+        column("eta")?,
+        column("steps")?,
+        column("num_samples")?,
+        column("sampling_seconds")?,
+    );
+    let metric_at = METRICS
+        .iter()
+        .map(|m| column(m.column))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut cells = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: Vec<&str> = line.split(',').collect();
+        let bad = |what: &str| format!("line {}: bad {what} in `{line}`", i + 2);
+        let field = |at: usize| row.get(at).copied().unwrap_or("");
+        let number = |at: usize, what: &str| -> std::result::Result<Option<f64>, String> {
+            match field(at) {
+                "" => Ok(None),
+                v => v.parse::<f64>().map(Some).map_err(|_| bad(what)),
+            }
+        };
+        if row.len() != header.len() {
+            return Err(bad("number of fields"));
+        }
+        let eta = number(eta_at, "eta")?.ok_or_else(|| bad("eta"))?;
+        let steps: usize = field(steps_at).parse().map_err(|_| bad("steps"))?;
+        if field(n_at).parse::<usize>().ok() != Some(n) {
+            return Err(bad("num_samples (not this run's)"));
+        }
+        let m = |i: usize| number(metric_at[i], METRICS[i].column);
+        let scores = Scores {
+            fd_pixels: m(0)?.ok_or_else(|| bad("fd_pixels"))?,
+            fd_features: m(1)?,
+            precision: m(2)?,
+            recall: m(3)?,
+            class_entropy: m(4)?,
+            top_class_share: m(5)?,
+        };
+        let seconds = number(seconds_at, "sampling_seconds")?.unwrap_or(0.0);
+        cells.push(Cell {
+            eta,
+            steps,
+            scores,
+            seconds,
+        });
+    }
+    Ok(cells)
 }
 
 /// Each metric against steps (log x), one line per eta.
@@ -507,6 +689,50 @@ mod tests {
             class_entropy: None,
             top_class_share: None,
         }
+    }
+
+    /// What `--resume` reads back is what was written, to the last bit; damaged files are
+    /// refused with the line named.
+    #[test]
+    fn csv_round_trips_and_bad_files_are_refused() {
+        let mut full = scores(57.123_456_789_012_34);
+        full.fd_features = Some(1.0 / 3.0);
+        full.precision = Some(0.75);
+        full.recall = Some(0.8);
+        full.class_entropy = Some(3.2);
+        full.top_class_share = Some(0.165);
+        let cells = vec![
+            Cell {
+                eta: 0.2,
+                steps: 10,
+                scores: full,
+                seconds: 18.234,
+            },
+            Cell {
+                eta: 1.0,
+                steps: 1000,
+                scores: scores(2.5),
+                seconds: 1.5,
+            },
+        ];
+        let text = csv_text(&cells, 200);
+        let back = parse_csv(&text, 200).unwrap();
+        assert_eq!(back.len(), 2);
+        for (a, b) in cells.iter().zip(&back) {
+            assert_eq!((a.eta, a.steps, a.seconds), (b.eta, b.steps, b.seconds));
+            for m in METRICS.iter() {
+                assert_eq!((m.get)(&a.scores), (m.get)(&b.scores), "{}", m.column);
+            }
+        }
+        assert!(parse_csv(&text, 100).unwrap_err().contains("num_samples"));
+        let cut = text.replace(",18.234", "");
+        assert!(parse_csv(&cut, 200).unwrap_err().contains("line 2"));
+        let garbled = text.replace("57.12", "x57.12");
+        assert!(parse_csv(&garbled, 200).unwrap_err().contains("fd_pixels"));
+        assert!(parse_csv("", 200).is_err());
+        assert!(parse_csv("eta,steps\n", 200)
+            .unwrap_err()
+            .contains("num_samples"));
     }
 
     #[test]

@@ -1311,6 +1311,56 @@ fn eval_on_a_builtin_set_reports_the_classifier_metrics() {
     }
     assert!((0.0..=10f64.log2() + 1e-9).contains(&v("class_entropy_bits")));
     assert!(out.join("metrics.png").is_file());
+
+    // --resume keeps the finished cell as it is and samples only the new one.
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "digits",
+            "--eta",
+            "0.5",
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ];
+        args.extend(extra);
+        ddim(&args)
+    };
+    let o = eval(&["--steps", "2,3", "-n", "10"]);
+    assert_eq!(o.status.code(), Some(2), "refused without --resume");
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    let o = eval(&["--steps", "2,3", "-n", "10", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sampled: Vec<String> = stderr(&o)
+        .lines()
+        .filter(|l| l.starts_with("eta "))
+        .map(String::from)
+        .collect();
+    assert_eq!(sampled.len(), 1, "{sampled:?}");
+    assert!(sampled[0].contains("steps 3 "), "{sampled:?}");
+    let resumed = csv_rows(&out.join("metrics.csv"));
+    assert_eq!(resumed.len(), 3);
+    assert_eq!(resumed[1], rows[1], "the finished cell is kept as it was");
+    assert_eq!(resumed[2][col("steps")], "3");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let header = text.lines().find(|l| l.starts_with("eta \\ steps")).unwrap();
+    assert!(header.ends_with("  2         3"), "both cells in the table: {text}");
+    // Cells of other settings are not mixed in.
+    let o = eval(&["--steps", "5", "-n", "11", "--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--num-samples 10, this command 11"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        csv_rows(&out.join("metrics.csv")),
+        resumed,
+        "nothing changed"
+    );
 }
 
 #[test]
