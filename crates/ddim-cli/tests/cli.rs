@@ -1346,8 +1346,14 @@ fn eval_on_a_builtin_set_reports_the_classifier_metrics() {
     assert_eq!(resumed[1], rows[1], "the finished cell is kept as it was");
     assert_eq!(resumed[2][col("steps")], "3");
     let text = String::from_utf8_lossy(&o.stdout);
-    let header = text.lines().find(|l| l.starts_with("eta \\ steps")).unwrap();
-    assert!(header.ends_with("  2         3"), "both cells in the table: {text}");
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("eta \\ steps"))
+        .unwrap();
+    assert!(
+        header.ends_with("  2         3"),
+        "both cells in the table: {text}"
+    );
     // Cells of other settings are not mixed in.
     let o = eval(&["--steps", "5", "-n", "11", "--resume"]);
     assert_eq!(o.status.code(), Some(2));
