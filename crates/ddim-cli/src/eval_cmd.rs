@@ -70,7 +70,7 @@ pub struct EvalArgs {
 }
 
 /// What makes the cells of two runs comparable; kept in `eval_settings.json` for `--resume`.
-#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Settings {
     model: String,
     data: String,
@@ -78,6 +78,20 @@ struct Settings {
     seed: u64,
     k: usize,
     dtype: String,
+}
+
+impl Settings {
+    /// Each setting as the option that sets it and its value.
+    fn fields(&self) -> [(&'static str, String); 6] {
+        [
+            ("model", self.model.clone()),
+            ("--data", self.data.clone()),
+            ("--num-samples", self.num_samples.to_string()),
+            ("--seed", self.seed.to_string()),
+            ("--k", self.k.to_string()),
+            ("--dtype", self.dtype.clone()),
+        ]
+    }
 }
 
 /// One metric: its CSV column, its title, and how it reads a cell's scores.
@@ -544,30 +558,17 @@ fn read_run(settings_path: &Path, csv_path: &Path, now: &Settings) -> Result<Vec
             settings_path.display()
         ))
     })?;
-    let differ = |what: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
-        usage(format!(
+    if let Some(((what, a), (_, b))) = then
+        .fields()
+        .into_iter()
+        .zip(now.fields())
+        .find(|((_, a), (_, b))| a != b)
+    {
+        return Err(usage(format!(
             "--resume: the run in {} used {what} {a}, this command {b}; cells of different \
              settings are not comparable (use another --output, or the same {what})",
             settings_path.parent().unwrap_or(Path::new(".")).display()
-        ))
-    };
-    if then.model != now.model {
-        return Err(differ("model", &then.model, &now.model));
-    }
-    if then.data != now.data {
-        return Err(differ("--data", &then.data, &now.data));
-    }
-    if then.num_samples != now.num_samples {
-        return Err(differ("--num-samples", &then.num_samples, &now.num_samples));
-    }
-    if then.seed != now.seed {
-        return Err(differ("--seed", &then.seed, &now.seed));
-    }
-    if then.k != now.k {
-        return Err(differ("--k", &then.k, &now.k));
-    }
-    if then.dtype != now.dtype {
-        return Err(differ("--dtype", &then.dtype, &now.dtype));
+        )));
     }
     if !csv_path.exists() {
         return Ok(Vec::new()); // stopped before its first cell finished
