@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ddim::ops::winograd::Tile;
 use ddim::rng::TorchGenerator;
 use ddim::unet::{UNet2DConfig, UNet2DModel};
 
@@ -42,10 +43,12 @@ fn conv(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("ddim", &id), |bn| {
             bn.iter(|| ddim::ops::conv2d(&x, &w, 1, 1).unwrap())
         });
-        let u = ddim::ops::winograd::transform_weight(&w).unwrap();
-        g.bench_function(BenchmarkId::new("ddim-winograd", &id), |bn| {
-            bn.iter(|| ddim::ops::winograd::conv3x3(&x, &u, &w, 1).unwrap())
-        });
+        for (name, tile) in [("ddim-winograd", Tile::F2), ("ddim-winograd-f4", Tile::F4)] {
+            let u = ddim::ops::winograd::transform_weight(&w, tile).unwrap();
+            g.bench_function(BenchmarkId::new(name, &id), |bn| {
+                bn.iter(|| ddim::ops::winograd::conv3x3(&x, &u, &w, 1).unwrap())
+            });
+        }
         g.bench_function(BenchmarkId::new("candle", &id), |bn| {
             bn.iter(|| x.conv2d(&w, 1, 1, 1, 1).unwrap())
         });

@@ -26,6 +26,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 
 use super::f32_slice;
+use super::winograd::Tile as WinogradTile;
 use rayon::prelude::*;
 
 /// The size of one thread's column buffer, in f32 values (4 MiB): large enough for GEMMs of a
@@ -382,8 +383,9 @@ pub struct Conv2dOp {
     pub stride: usize,
     /// Zero padding of all four sides.
     pub padding: usize,
-    /// Run 3×3 stride-1 kernels by Winograd F(2×2, 3×3) where the output is large enough
-    /// ([`super::winograd::worth_it`]); im2col + GEMM otherwise.
+    /// Run 3×3 stride-1 kernels by Winograd F(2×2, 3×3), the weight transformed at every call,
+    /// where the output is large enough ([`super::winograd::worth_it`]); im2col + GEMM
+    /// otherwise.
     pub winograd: bool,
 }
 
@@ -406,12 +408,12 @@ impl CustomOp2 for Conv2dOp {
         );
         if self.winograd
             && (g.kh, g.kw, g.stride) == (3, 3, 1)
-            && super::winograd::worth_it(xl.dims(), g.padding)
+            && super::winograd::worth_it(xl.dims(), g.padding, WinogradTile::F2)
         {
             // Winograd with the weight transformed now (a training step changes it every time;
             // the transform costs ~40 flops per weight, the convolution 2·B·H·W per weight).
-            let u = super::winograd::transform_weight_values(w, g.c_out, g.c_in);
-            return super::winograd::forward(x, &g, &u);
+            let u = super::winograd::transform_weight_values(w, g.c_out, g.c_in, WinogradTile::F2);
+            return super::winograd::forward(x, &g, &u, WinogradTile::F2);
         }
         let (k, n, total) = (g.k(), g.n(), g.b * g.per_out());
         let tiles = g.tiles();
@@ -832,21 +834,37 @@ impl Conv2d {
 impl Conv2d {
     /// The Winograd weight when this convolution of `x` should use it: f32 on the CPU, 3×3,
     /// stride 1, a weight that training does not update (its transform is kept), and enough
-    /// output for the method to pay ([`super::winograd::worth_it`]).
+    /// output for the method to pay ([`super::winograd::worth_it`]). The algorithm is chosen
+    /// by the first input's size ([`WinogradTile::for_output`]) and kept for later ones (both
+    /// are exact for any size; a sampling run keeps one batch size).
     fn winograd_weight(&self, x: &Tensor) -> Option<&Tensor> {
         let w = &self.weight;
+        let &[b, _, h, wi] = x.dims() else {
+            return None;
+        };
         let fits = x.device().is_cpu()
             && x.dtype() == candle_core::DType::F32
             && w.dtype() == x.dtype()
             && self.stride == 1
             && !w.is_variable()
             && matches!(w.dims(), [_, _, 3, 3])
-            && super::winograd::worth_it(x.dims(), self.padding);
+            && h + 2 * self.padding >= 3
+            && wi + 2 * self.padding >= 3;
         if !fits {
             return None;
         }
+        let tile = match self.winograd.get() {
+            Some(Some(u)) => WinogradTile::from_points(u.dim(0).ok()?)?,
+            Some(None) => return None,
+            None => {
+                WinogradTile::for_output(b, h + 2 * self.padding - 2, wi + 2 * self.padding - 2)
+            }
+        };
+        if !super::winograd::worth_it(x.dims(), self.padding, tile) {
+            return None;
+        }
         self.winograd
-            .get_or_init(|| super::winograd::transform_weight(w).ok())
+            .get_or_init(|| super::winograd::transform_weight(w, tile).ok())
             .as_ref()
     }
 }

@@ -1,0 +1,45 @@
+//! The CPU inference kernels against the training path, end to end, on the built-in MNIST
+//! model: loaded weights (constants) run the Winograd convolutions, F(4×4, 3×3) at the 28×28
+//! level and F(2×2, 3×3) at 14×14; the same weights as training variables run im2col + GEMM.
+//! The op-level parity with candle's own kernels is in `ddim::ops`' unit tests.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ddim::unet::UNet2DModel;
+
+#[test]
+fn winograd_unet_matches_the_im2col_unet() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ddim-cli/assets/default-model");
+    let dev = Device::Cpu;
+    let loaded = ddim::loader::load_unet(&dir, DType::F32, &dev).unwrap();
+    let varmap = VarMap::new();
+    let trainable = UNet2DModel::new(
+        &loaded.config,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+    )
+    .unwrap();
+    // the shipped weights are f16; the loaded model holds them as f32, and so do the variables
+    let file = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let weights = candle_core::safetensors::load(file, &dev).unwrap();
+    let vars = varmap.data().lock().unwrap();
+    assert_eq!(vars.len(), weights.len());
+    for (name, var) in vars.iter() {
+        var.set(&weights[name].to_dtype(DType::F32).unwrap())
+            .unwrap();
+    }
+    drop(vars);
+
+    let x = Tensor::randn(0f32, 1.0, (4, 1, 28, 28), &dev).unwrap();
+    for step in [999i64, 500, 20] {
+        let t = Tensor::new(&[step; 4], &dev).unwrap();
+        let fast = loaded.model.forward(&x, &t, None).unwrap();
+        let plain = trainable.forward(&x, &t, None).unwrap();
+        let scale = plain.abs().unwrap().max_all().unwrap();
+        let err = (&fast - &plain).unwrap().abs().unwrap().max_all().unwrap();
+        let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+        eprintln!("t = {step}: largest difference {rel:e} of the largest output");
+        assert!(rel < 1e-5, "t = {step}: {rel:e}");
+    }
+}
