@@ -592,11 +592,23 @@ pub(crate) fn forward(
     // the row count of its micro-kernel, which takes 16 rows at a time (two AVX registers):
     // thinner chunks (8×8 images at batch 1) ran its half-empty 8-row edge kernel. Such
     // images go in fewer, wider chunks, and then `gemm` spreads over the threads instead.
-    let per_chunk = (CHUNK_FLOATS / (points * (g.c_in + g.c_out) * g.tw))
+    let most = (CHUNK_FLOATS / (points * (g.c_in + g.c_out) * g.tw))
         .max(1)
         .min(block_rows.div_ceil(threads).max(1))
         .max(MIN_GEMM_ROWS.div_ceil(g.tw))
         .min(block_rows.max(1));
+    let least = MIN_GEMM_ROWS.div_ceil(g.tw).min(most);
+    // Of the chunk sizes allowed, the one whose busiest thread has the fewest micro-kernel
+    // rows to run, counting a partial 16 as whole (the larger chunk on a tie): 14 block rows
+    // of 4 blocks (F(4×4) at 16×16) made chunks of 56 blocks, 3.5 micro-kernel heights, and
+    // 64 block rows made 5 chunks for 2 threads.
+    let busiest = |per: usize| {
+        let rounds = block_rows.div_ceil(per).div_ceil(threads);
+        rounds * (per * g.tw).div_ceil(MIN_GEMM_ROWS)
+    };
+    let per_chunk = (least..=most)
+        .min_by_key(|&per| (busiest(per), std::cmp::Reverse(per)))
+        .unwrap_or(most);
     let chunks: Vec<Range<usize>> = (0..block_rows)
         .step_by(per_chunk)
         .map(|r| r..(r + per_chunk).min(block_rows))
