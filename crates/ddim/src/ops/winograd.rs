@@ -94,23 +94,26 @@ impl Tile {
             .find(|t| t.points() == points)
     }
 
-    /// The rows of G (α × 3) in f64.
-    fn g(self) -> &'static [[f64; 3]] {
+    /// `G · (a, b, c)` into `out[..α]`, in f32. F(2×2)'s G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
+    /// is exact but for the sums' rounding; F(4×4)'s G = [¼ 0 0; -⅙ -⅙ -⅙; -⅙ ⅙ -⅙;
+    /// 1/24 1/12 ⅙; 1/24 -1/12 ⅙; 0 0 1] rounds its sixths, twelfths and 24ths once more.
+    fn weight_1d(self, a: f32, b: f32, c: f32, out: &mut [f32; 6]) {
         match self {
-            Tile::F2 => &[
-                [1.0, 0.0, 0.0],
-                [0.5, 0.5, 0.5],
-                [0.5, -0.5, 0.5],
-                [0.0, 0.0, 1.0],
-            ],
-            Tile::F4 => &[
-                [0.25, 0.0, 0.0],
-                [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-                [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-                [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-                [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-                [0.0, 0.0, 1.0],
-            ],
+            Tile::F2 => {
+                out[..4].copy_from_slice(&[a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]);
+            }
+            Tile::F4 => {
+                let (even, odd) = (a + c, b);
+                let (s, t) = (a / 24.0 + c / 6.0, b / 12.0);
+                *out = [
+                    a / 4.0,
+                    -(even + odd) / 6.0,
+                    -(even - odd) / 6.0,
+                    s + t,
+                    s - t,
+                    c,
+                ];
+            }
         }
     }
 
@@ -249,7 +252,8 @@ pub fn transform_weight(w: &Tensor, tile: Tile) -> Result<Tensor> {
     )
 }
 
-/// [`transform_weight`] on the values of a `(c_out, c_in, 3, 3)` weight.
+/// [`transform_weight`] on the values of a `(c_out, c_in, 3, 3)` weight, in parallel over
+/// channel pairs.
 pub(crate) fn transform_weight_values(
     g: &[f32],
     c_out: usize,
@@ -262,45 +266,35 @@ pub(crate) fn transform_weight_values(
         9 * pairs,
         "winograd: weight is not {c_out}x{c_in}x3x3"
     );
-    let mut u = vec![0f32; tile.points() * pairs];
-    if tile == Tile::F2 {
-        // in f32, with only halvings: exact up to the sums' rounding
-        for (pair, k) in g.chunks_exact(9).enumerate() {
-            // t = G g (4 × 3), then U = t Gᵀ (4 × 4); G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]
-            let row = |r: usize| [k[r * 3], k[r * 3 + 1], k[r * 3 + 2]];
-            let (g0, g1, g2) = (row(0), row(1), row(2));
-            let mut t = [[0f32; 3]; 4];
-            for j in 0..3 {
-                t[0][j] = g0[j];
-                t[1][j] = 0.5 * (g0[j] + g1[j] + g2[j]);
-                t[2][j] = 0.5 * (g0[j] - g1[j] + g2[j]);
-                t[3][j] = g2[j];
-            }
-            for (i, [a, b, c]) in t.into_iter().enumerate() {
-                let vals = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                for (j, v) in vals.into_iter().enumerate() {
-                    u[(i * 4 + j) * pairs + pair] = v;
+    let (alpha, points) = (tile.alpha(), tile.points());
+    let mut u: Vec<f32> = Vec::with_capacity(points * pairs);
+    let out = Out(u.as_mut_ptr());
+    const PAIRS_PER_TASK: usize = 4096;
+    g.par_chunks(9 * PAIRS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, gs)| {
+            let (mut t, mut row) = ([[0f32; 3]; 6], [0f32; 6]);
+            for (k, w) in gs.chunks_exact(9).enumerate() {
+                let pair = task * PAIRS_PER_TASK + k;
+                // t = G g (α × 3), a column of g at a time; then U = t Gᵀ, a row of t at a time
+                for j in 0..3 {
+                    tile.weight_1d(w[j], w[3 + j], w[6 + j], &mut row);
+                    for (ti, &r) in t.iter_mut().zip(&row[..alpha]) {
+                        ti[j] = r;
+                    }
+                }
+                for (i, &[a, b, c]) in t.iter().take(alpha).enumerate() {
+                    tile.weight_1d(a, b, c, &mut row);
+                    for (j, &r) in row[..alpha].iter().enumerate() {
+                        // SAFETY: `u` has room for points × pairs values; each (ξ, pair) slot
+                        // is written once, by the task holding the pair.
+                        unsafe { *out.ptr().add((i * alpha + j) * pairs + pair) = r };
+                    }
                 }
             }
-        }
-        return u;
-    }
-    // in f64, rounded once: F(4×4)'s sixths and 24ths are not exact in binary
-    let (gm, alpha) = (tile.g(), tile.alpha());
-    for (pair, k) in g.chunks_exact(9).enumerate() {
-        let mut t = [[0f64; 3]; 6];
-        for (ti, gi) in t.iter_mut().zip(gm) {
-            for (j, tij) in ti.iter_mut().enumerate() {
-                *tij = (0..3).map(|a| gi[a] * k[a * 3 + j] as f64).sum();
-            }
-        }
-        for (i, ti) in t.iter().take(alpha).enumerate() {
-            for (j, gj) in gm.iter().enumerate() {
-                let v: f64 = (0..3).map(|b| ti[b] * gj[b]).sum();
-                u[(i * alpha + j) * pairs + pair] = v as f32;
-            }
-        }
-    }
+        });
+    // SAFETY: every (ξ, pair) slot was written above.
+    unsafe { u.set_len(points * pairs) };
     u
 }
 
@@ -613,13 +607,11 @@ pub(crate) fn forward(
         .step_by(per_chunk)
         .map(|r| r..(r + per_chunk).min(block_rows))
         .collect();
-    let (parallel, par) = if threads > 1 && chunks.len() >= threads {
-        (true, Parallelism::None)
-    } else if threads > 1 {
-        (false, Parallelism::Rayon(threads))
-    } else {
-        (false, Parallelism::None)
-    };
+    // Chunks in parallel where there are enough of them; else the α² products of each chunk
+    // in parallel (`gemm`'s own split of a thin product gave each thread a half-empty
+    // micro-kernel).
+    let parallel = threads > 1 && chunks.len() >= threads;
+    let spread = threads > 1 && !parallel;
     let mut y: Vec<f32> = Vec::with_capacity(total);
     let out = Out(y.as_mut_ptr());
     let (ci, co) = (g.c_in, g.c_out);
@@ -629,25 +621,29 @@ pub(crate) fn forward(
         with_buffer(&COLUMNS, points * vs, |v| {
             g.transform_input(x, rows.clone(), v, vs);
             with_buffer(&BLOCK, points * ms, |m| {
-                for xi in 0..points {
+                let product = |(xi, mx): (usize, &mut [f32])| {
                     let (uxi, vxi) = (&u[xi * co * ci..][..co * ci], &v[xi * vs..][..ci * len]);
-                    let dst = m[xi * ms..][..co * len].as_mut_ptr();
-                    // SAFETY: `m` is this thread's buffer and holds co × len values here.
+                    // SAFETY: `mx` is this product's own co × len values.
                     unsafe {
                         matmul(
                             co,
                             len,
                             ci,
-                            dst,
+                            mx.as_mut_ptr(),
                             len,
                             false,
                             uxi,
                             (ci, 1),
                             vxi,
                             (len, 1),
-                            par,
+                            Parallelism::None,
                         )
                     };
+                };
+                if spread {
+                    m.par_chunks_exact_mut(ms).enumerate().for_each(product);
+                } else {
+                    m.chunks_exact_mut(ms).enumerate().for_each(product);
                 }
                 // SAFETY: chunks hold disjoint block rows, so disjoint output rows.
                 unsafe { g.transform_output(m, rows.clone(), out, ms) };
