@@ -839,7 +839,7 @@ impl Conv2d {
     /// are exact for any size; a sampling run keeps one batch size).
     fn winograd_weight(&self, x: &Tensor) -> Option<&Tensor> {
         let w = &self.weight;
-        let &[b, _, h, wi] = x.dims() else {
+        let &[b, c_in, h, wi] = x.dims() else {
             return None;
         };
         let fits = x.device().is_cpu()
@@ -857,7 +857,8 @@ impl Conv2d {
             Some(Some(u)) => WinogradTile::from_points(u.dim(0).ok()?)?,
             Some(None) => return None,
             None => {
-                WinogradTile::for_output(b, h + 2 * self.padding - 2, wi + 2 * self.padding - 2)
+                let (ho, wo) = (h + 2 * self.padding - 2, wi + 2 * self.padding - 2);
+                WinogradTile::for_output(b, c_in, ho, wo)
             }
         };
         if !super::winograd::worth_it(x.dims(), self.padding, tile) {

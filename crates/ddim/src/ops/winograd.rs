@@ -69,18 +69,22 @@ impl Tile {
         self.alpha() * self.alpha()
     }
 
-    /// The algorithm for `b` images of `ho × wo` outputs: F(4×4) from 16×16 up where its
-    /// blocks number at least [`MIN_F4_BLOCKS`] (enough rows for the GEMMs), F(2×2) below.
+    /// The algorithm for `b` images of `ho × wo` outputs from `c_in` channels: F(4×4) from
+    /// 16×16 up where its blocks number at least [`MIN_F4_BLOCKS`] (enough rows for the GEMMs)
+    /// and the memory it adds, 20/9 of the 3×3 weight, is at most 8 times the output
+    /// (`20 · c_in ≤ 8 · b · ho · wo`); F(2×2) elsewhere.
     ///
     /// Measured on 2 threads (medians of 20 alternating calls, 3×3 convolutions of the
     /// cifar10-32 UNet's shapes): F(4×4) took 0.75× F(2×2)'s time at 16×128×32×32 → 128,
     /// 0.89× at 16×256×16×16 → 256 and 0.69× at 1×128×32×32 → 128, but 1.2× at
-    /// 1×256×16×16 → 256 (16 blocks). The 8×8 and 4×4 levels stay with F(2×2) because their
-    /// convolutions hold most of a UNet's weights, which F(4×4) keeps 36/9 times over instead
-    /// of 16/9: from 16×16 up, the cifar10-32 UNet's transformed weights take 282 MiB instead
-    /// of 194, from 8×8 up they would take 352.
-    pub fn for_output(b: usize, ho: usize, wo: usize) -> Tile {
-        if ho >= 16 && wo >= 16 && b * ho.div_ceil(4) * wo.div_ceil(4) >= MIN_F4_BLOCKS {
+    /// 1×256×16×16 → 256 (16 blocks). The memory bound keeps F(4×4) off the low-resolution
+    /// levels, where most of a UNet's weights are: the cifar10-32 UNet's transformed weights
+    /// take 282 MiB at batch 16 (194 with F(2×2) only); the celebahq-256 one at batch 1 uses
+    /// F(4×4) from 64×64 up, about 110 MiB more than F(2×2) only, where from 32×32 up it
+    /// added 196 MiB and put the peak RSS past diffusers'.
+    pub fn for_output(b: usize, c_in: usize, ho: usize, wo: usize) -> Tile {
+        let blocks = b * ho.div_ceil(4) * wo.div_ceil(4);
+        if ho >= 16 && wo >= 16 && blocks >= MIN_F4_BLOCKS && 20 * c_in <= 8 * b * ho * wo {
             Tile::F4
         } else {
             Tile::F2
@@ -735,11 +739,14 @@ mod tests {
 
     #[test]
     fn the_tile_follows_the_output_size() {
-        assert_eq!(Tile::for_output(1, 32, 32), Tile::F4);
-        assert_eq!(Tile::for_output(16, 16, 16), Tile::F4);
-        assert_eq!(Tile::for_output(1, 16, 16), Tile::F2);
-        assert_eq!(Tile::for_output(16, 8, 8), Tile::F2);
-        assert_eq!(Tile::for_output(16, 32, 8), Tile::F2);
+        assert_eq!(Tile::for_output(1, 384, 32, 32), Tile::F4);
+        assert_eq!(Tile::for_output(16, 768, 16, 16), Tile::F4);
+        assert_eq!(Tile::for_output(1, 256, 16, 16), Tile::F2);
+        assert_eq!(Tile::for_output(16, 256, 8, 8), Tile::F2);
+        assert_eq!(Tile::for_output(16, 256, 32, 8), Tile::F2);
+        // the celebahq-256 UNet at batch 1: F(4×4) at 64×64, not at 32×32
+        assert_eq!(Tile::for_output(1, 512, 64, 64), Tile::F4);
+        assert_eq!(Tile::for_output(1, 512, 32, 32), Tile::F2);
         assert_eq!((Tile::F2.points(), Tile::F4.points()), (16, 36));
     }
 
