@@ -9,7 +9,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::f32_slice;
+use std::mem::MaybeUninit;
+
+use super::simd::multiversion;
+use super::{f32_slice, uninit_vec};
 
 const CHUNK: usize = 1 << 13;
 
@@ -40,6 +43,25 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+multiversion! {
+    /// `y = x · σ(x)`.
+    fn silu_run(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            o.write(v * sigmoid(v));
+        }
+    }
+}
+
+multiversion! {
+    /// `d = g · σ(x)(1 + x(1 - σ(x)))`.
+    fn silu_backward_run(x: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>]) {
+        for ((o, &v), &g) in d.iter_mut().zip(x).zip(g) {
+            let s = sigmoid(v);
+            o.write(g * s * (1.0 + v * (1.0 - s)));
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Silu;
 
@@ -50,14 +72,13 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "silu", "input")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = v * sigmoid(v);
-                }
-            });
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(y, x)| silu_run(x, y))
+        };
+        // SAFETY: the chunks of y and x pair up, and `silu_run` writes every value of each.
+        let y = unsafe { uninit_vec(x.len(), fill) };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -89,15 +110,13 @@ impl CustomOp2 for SiluBackward {
         if x.len() != g.len() {
             candle_core::bail!("silu backward: shapes differ")
         }
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(d, (x, g))| {
-                for ((o, &v), &g) in d.iter_mut().zip(x).zip(g) {
-                    let s = sigmoid(v);
-                    *o = g * s * (1.0 + v * (1.0 - s));
-                }
-            });
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(d, (x, g))| silu_backward_run(x, g, d))
+        };
+        // SAFETY: as in `Silu`: every chunk is written whole (x and g have dx's length).
+        let dx = unsafe { uninit_vec(x.len(), fill) };
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }

@@ -10,7 +10,10 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::elementwise::{sigmoid, SiluBackward};
-use super::f32_slice;
+use std::mem::MaybeUninit;
+
+use super::simd::multiversion;
+use super::{f32_slice, uninit_vec};
 
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -57,11 +60,42 @@ fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// Mean and 1/sqrt(var + eps) of one group, accumulated in f64 (two passes).
+#[inline(always)]
 fn stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len().max(1) as f64;
     let mean = sum_f64(x, |v| v) / n;
     let var = sum_f64(x, |v| (v - mean) * (v - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+multiversion! {
+    /// One (image, group) of `cpg` channels of `hw` values: `yg = (xg - mean) · rstd · γ + β`
+    /// per channel, through SiLU when `silu`.
+    fn normalize_group(
+        xg: &[f32],
+        yg: &mut [MaybeUninit<f32>],
+        hw: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+        silu: bool,
+    ) {
+        let (mean, rstd) = stats(xg, eps);
+        for ((yc, xc), (&g, &b)) in yg.chunks_mut(hw).zip(xg.chunks(hw)).zip(gamma.iter().zip(beta)) {
+            let scale = rstd * g;
+            let shift = b - mean * scale;
+            if silu {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    let z = v * scale + shift;
+                    o.write(z * sigmoid(z));
+                }
+            } else {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    o.write(v * scale + shift);
+                }
+            }
+        }
+    }
 }
 
 /// `group_norm(x, gamma, beta)`, followed by SiLU when `silu`: the forward op.
@@ -99,28 +133,18 @@ impl CustomOp3 for GroupNormOp {
             candle_core::bail!("group_norm: weight and bias must have {} values", d.c)
         }
         let cpg = d.c / d.groups;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d.group_len())
-            .zip(x.par_chunks(d.group_len()))
-            .enumerate()
-            .for_each(|(bg, (yg, xg))| {
-                let (mean, rstd) = stats(xg, self.eps);
-                let c0 = (bg % d.groups) * cpg;
-                for (ci, (yc, xc)) in yg.chunks_mut(d.hw).zip(xg.chunks(d.hw)).enumerate() {
-                    let scale = rstd * gamma[c0 + ci];
-                    let shift = beta[c0 + ci] - mean * scale;
-                    if self.silu {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            let z = v * scale + shift;
-                            *o = z * sigmoid(z);
-                        }
-                    } else {
-                        for (o, &v) in yc.iter_mut().zip(xc) {
-                            *o = v * scale + shift;
-                        }
-                    }
-                }
-            });
+        let fill = |y: &mut [MaybeUninit<f32>]| {
+            y.par_chunks_mut(d.group_len())
+                .zip(x.par_chunks(d.group_len()))
+                .enumerate()
+                .for_each(|(bg, (yg, xg))| {
+                    let c0 = (bg % d.groups) * cpg;
+                    let (gamma, beta) = (&gamma[c0..c0 + cpg], &beta[c0..c0 + cpg]);
+                    normalize_group(xg, yg, d.hw, gamma, beta, self.eps, self.silu);
+                })
+        };
+        // SAFETY: the groups cover the output, and `normalize_group` writes all of each.
+        let y = unsafe { uninit_vec(x.len(), fill) };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 

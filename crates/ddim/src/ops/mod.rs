@@ -4,11 +4,14 @@
 pub mod conv;
 pub mod elementwise;
 pub mod group_norm;
+pub mod simd;
 pub mod winograd;
 
 pub use conv::{conv2d, Conv2d};
 pub use elementwise::{add_planes, silu, upsample_nearest_2x};
 pub use group_norm::{group_norm, group_norm_silu, GroupNorm};
+
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout};
 
@@ -26,6 +29,19 @@ pub(crate) fn f32_slice<'a>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: {what} must be contiguous"),
     }
+}
+
+/// A vector of `n` values that `fill` writes, without zeroing it first (a fresh output is
+/// written whole by every kernel that uses this; zeroing it would be one more pass over memory).
+///
+/// # Safety
+/// `fill` must write every one of the `n` values.
+pub(crate) unsafe fn uninit_vec(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's `fill` initialised all n values.
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// What the kernels' tests share.
