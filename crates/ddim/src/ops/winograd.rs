@@ -35,8 +35,12 @@ const CHUNK_FLOATS: usize = if cfg!(test) { 1 << 10 } else { 1 << 20 };
 /// the `gemm` crate's f32 AVX kernels.
 const MIN_GEMM_ROWS: usize = 16;
 
-/// Below this many output blocks per thread, the GEMMs are too thin and im2col wins.
-pub(crate) const MIN_BLOCKS_PER_THREAD: usize = 8;
+/// Below this many output blocks per thread, the GEMMs are too thin and im2col wins. Timed
+/// inside whole sampling runs of the cifar10-32 UNet (its weights no longer in cache, unlike a
+/// kernel bench that repeats one convolution): at 256 channels and 8×8, im2col took 0.59× F(2×2)'s
+/// time at batch 1 (16 blocks) and 0.76× at batch 2 (32 blocks); at 64 blocks, F(2×2) took
+/// 0.74× im2col's time at 256×16×16 and batch 1, and 1.06× at 256×8×8 and batch 4.
+pub(crate) const MIN_BLOCKS_PER_THREAD: usize = 32;
 
 /// The fewest 4×4 blocks for which F(4×4) beats F(2×2) ([`Tile::for_output`]).
 pub const MIN_F4_BLOCKS: usize = 64;
@@ -271,28 +275,39 @@ pub(crate) fn transform_weight_values(
         "winograd: weight is not {c_out}x{c_in}x3x3"
     );
     let (alpha, points) = (tile.alpha(), tile.points());
-    let mut u: Vec<f32> = Vec::with_capacity(points * pairs);
+    let mut u = super::huge_page_vec(points * pairs);
     let out = Out(u.as_mut_ptr());
-    const PAIRS_PER_TASK: usize = 4096;
+    // Each task transforms its pairs into a buffer of its own, the α² values of a pair side by
+    // side, then writes each point's run of values into place: writing a pair's α² values
+    // straight to their runs, `pairs` values apart (one cache set), stalled on the stores.
+    const PAIRS_PER_TASK: usize = 2048;
     g.par_chunks(9 * PAIRS_PER_TASK)
         .enumerate()
         .for_each(|(task, gs)| {
-            let (mut t, mut row) = ([[0f32; 3]; 6], [0f32; 6]);
-            for (k, w) in gs.chunks_exact(9).enumerate() {
-                let pair = task * PAIRS_PER_TASK + k;
+            let n = gs.len() / 9;
+            let mut local = vec![0f32; points * n];
+            let mut t = [[0f32; 3]; 6];
+            for (w, uk) in gs.chunks_exact(9).zip(local.chunks_exact_mut(points)) {
                 // t = G g (α × 3), a column of g at a time; then U = t Gᵀ, a row of t at a time
+                let mut row = [0f32; 6];
                 for j in 0..3 {
                     tile.weight_1d(w[j], w[3 + j], w[6 + j], &mut row);
                     for (ti, &r) in t.iter_mut().zip(&row[..alpha]) {
                         ti[j] = r;
                     }
                 }
-                for (i, &[a, b, c]) in t.iter().take(alpha).enumerate() {
+                for (&[a, b, c], ui) in t.iter().zip(uk.chunks_exact_mut(alpha)) {
                     tile.weight_1d(a, b, c, &mut row);
-                    for (j, &r) in row[..alpha].iter().enumerate() {
-                        // SAFETY: `u` has room for points × pairs values; each (ξ, pair) slot
-                        // is written once, by the task holding the pair.
-                        unsafe { *out.ptr().add((i * alpha + j) * pairs + pair) = r };
+                    ui.copy_from_slice(&row[..alpha]);
+                }
+            }
+            for xi in 0..points {
+                // SAFETY: `u` has room for points × pairs values; the run of point ξ of this
+                // task's pairs is written by this task alone.
+                unsafe {
+                    let run = out.ptr().add(xi * pairs + task * PAIRS_PER_TASK);
+                    for (k, uk) in local.chunks_exact(points).enumerate() {
+                        *run.add(k) = uk[xi];
                     }
                 }
             }
