@@ -400,6 +400,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         std::process::exit(130);
     });
 
+    // The one-time weight transforms belong to the load, not to the first step's time.
+    if let (Some(&b), [_, _, h, w]) = (planned.first(), shape1) {
+        model.unet.prepare(batch.min(n - b * batch), h, w);
+    }
     let bar = common::progress((planned.len() * steps) as u64, args.model.quiet, "sampling");
     let started = Instant::now();
     let mut tensors = Vec::new();

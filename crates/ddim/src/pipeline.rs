@@ -200,6 +200,7 @@ pub fn sample(
     let channels = x_t.dim(1)?;
     let labels = options.class_labels.as_ref();
     let mut x = x_t.to_dtype(DType::F32)?;
+    prepare(unet, &x);
     match options.sampler {
         Sampler::Ddim => {
             let mut s = DDIMScheduler::new(scheduler_config)?;
@@ -244,6 +245,13 @@ pub fn sample(
     Ok(x)
 }
 
+/// [`UNet2DModel::prepare`] for batches shaped like `x`.
+fn prepare(unet: &UNet2DModel, x: &Tensor) {
+    if let &[b, _, h, w] = x.dims() {
+        unet.prepare(b, h, w);
+    }
+}
+
 /// DDIM inversion: runs the deterministic DDIM update forwards from a clean x_0 to x_T with
 /// [`DDIMInverseScheduler`], visiting the same timesteps as a DDIM run of
 /// `num_inference_steps` (ascending). Sampling the result with DDIM at eta = 0 and the same
@@ -261,6 +269,7 @@ pub fn invert(
     s.set_timesteps(num_inference_steps)?;
     let ts = s.timesteps().to_vec();
     let mut x = x0.to_dtype(DType::F32)?;
+    prepare(unet, &x);
     for (index, &t) in ts.iter().enumerate() {
         let out = keep_channels(model_output(unet, &x, t, class_labels)?, channels)?;
         let step = s.step(&out, t, &x)?;

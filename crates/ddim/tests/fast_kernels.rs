@@ -43,3 +43,40 @@ fn winograd_unet_matches_the_im2col_unet() {
         assert!(rel < 1e-5, "t = {step}: {rel:e}");
     }
 }
+
+/// `UNet2DModel::prepare` makes the same Winograd transforms, convolution by convolution, as a
+/// first forward pass would: F(4×4) and F(2×2) at batch 4, and im2col at batch 1 where the
+/// images have too few blocks for two threads.
+#[test]
+fn prepare_makes_what_the_first_forward_pass_would() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ddim-cli/assets/default-model");
+    let dev = Device::Cpu;
+    // the choice depends on the number of threads: two, as on the machines the rule was tuned on
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for batch in [4, 1] {
+        let prepared = ddim::loader::load_unet(&dir, DType::F32, &dev)
+            .unwrap()
+            .model;
+        let lazy = ddim::loader::load_unet(&dir, DType::F32, &dev)
+            .unwrap()
+            .model;
+        let x = Tensor::zeros((batch, 1, 28, 28), DType::F32, &dev).unwrap();
+        let t = Tensor::new(&vec![500i64; batch][..], &dev).unwrap();
+        pool.install(|| {
+            prepared.prepare(batch, 28, 28);
+            lazy.forward(&x, &t, None).unwrap();
+        });
+        let points = lazy.winograd_points();
+        assert_eq!(prepared.winograd_points(), points, "batch {batch}");
+        if batch == 4 {
+            assert!(
+                points.contains(&Some(36)) && points.contains(&Some(16)),
+                "{points:?}"
+            );
+        }
+        assert!(points.contains(&None), "{points:?}");
+    }
+}

@@ -832,22 +832,29 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// The Winograd weight when this convolution of `x` should use it: f32 on the CPU, 3×3,
-    /// stride 1, a weight that training does not update (its transform is kept), and enough
-    /// output for the method to pay ([`super::winograd::worth_it`]). The algorithm is chosen
-    /// by the first input's size ([`WinogradTile::for_output`]) and kept for later ones (both
-    /// are exact for any size; a sampling run keeps one batch size).
+    /// The Winograd weight when this convolution of `x` should use it ([`Self::winograd_for`]).
     fn winograd_weight(&self, x: &Tensor) -> Option<&Tensor> {
+        let fits = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+        match x.dims() {
+            &[b, _, h, w] if fits => self.winograd_for(b, h, w),
+            _ => None,
+        }
+    }
+
+    /// The Winograd weight when this convolution of `b` images of `h × w` should use it: f32
+    /// on the CPU, 3×3, stride 1, a weight that training does not update (its transform is
+    /// kept), and enough output for the method to pay ([`super::winograd::worth_it`]). The
+    /// algorithm is chosen by the first input's size ([`WinogradTile::for_output`]) and kept
+    /// for later ones (both are exact for any size; a sampling run keeps one batch size).
+    fn winograd_for(&self, b: usize, h: usize, wi: usize) -> Option<&Tensor> {
         let w = &self.weight;
-        let &[b, c_in, h, wi] = x.dims() else {
+        let &[_, c_in, 3, 3] = w.dims() else {
             return None;
         };
-        let fits = x.device().is_cpu()
-            && x.dtype() == candle_core::DType::F32
-            && w.dtype() == x.dtype()
+        let fits = w.device().is_cpu()
+            && w.dtype() == candle_core::DType::F32
             && self.stride == 1
             && !w.is_variable()
-            && matches!(w.dims(), [_, _, 3, 3])
             && h + 2 * self.padding >= 3
             && wi + 2 * self.padding >= 3;
         if !fits {
@@ -861,12 +868,25 @@ impl Conv2d {
                 WinogradTile::for_output(b, c_in, ho, wo)
             }
         };
-        if !super::winograd::worth_it(x.dims(), self.padding, tile) {
+        if !super::winograd::worth_it(&[b, c_in, h, wi], self.padding, tile) {
             return None;
         }
         self.winograd
             .get_or_init(|| super::winograd::transform_weight(w, tile).ok())
             .as_ref()
+    }
+
+    /// Makes now what the first forward pass on `b` images of `h × w` would make on its way:
+    /// the Winograd transform of the weight, where one applies (see
+    /// [`crate::unet::UNet2DModel::prepare`]).
+    pub fn prepare(&self, b: usize, h: usize, w: usize) {
+        self.winograd_for(b, h, w);
+    }
+
+    /// The number of points of the Winograd transform this convolution keeps (16 for
+    /// F(2×2, 3×3), 36 for F(4×4, 3×3)); `None` when it has none (not yet, or not applicable).
+    pub fn winograd_points(&self) -> Option<usize> {
+        self.winograd.get()?.as_ref()?.dim(0).ok()
     }
 }
 

@@ -97,6 +97,23 @@ impl DownBlock {
         })
     }
 
+    /// Adds its convolutions with their input sizes to `out` for an input of `h × w`; returns
+    /// the output size.
+    pub(crate) fn convs<'a>(
+        &'a self,
+        mut size: (usize, usize),
+        out: &mut super::ConvSizes<'a>,
+    ) -> (usize, usize) {
+        for resnet in &self.resnets {
+            size = resnet.convs(size, out);
+        }
+        match &self.downsampler {
+            None => size,
+            Some(Downsampler::Conv(conv)) => conv.convs(size, out),
+            Some(Downsampler::Resnet(resnet)) => resnet.convs(size, out),
+        }
+    }
+
     /// Runs the block on `xs` (b, cin, h, w) and pushes each resnet's (and the downsampler's)
     /// output onto `skips` for the up blocks.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
@@ -168,6 +185,13 @@ impl UNetMidBlock2D {
             resnets: [resnet(0)?, resnet(1)?],
             attention,
         })
+    }
+
+    /// Adds its convolutions with their input sizes to `out` for an input of `h × w`.
+    pub(crate) fn convs<'a>(&'a self, size: (usize, usize), out: &mut super::ConvSizes<'a>) {
+        for resnet in &self.resnets {
+            resnet.convs(size, out);
+        }
     }
 
     /// (b, c, h, w) -> (b, c, h, w).
@@ -250,6 +274,23 @@ impl UpBlock {
             attentions,
             upsampler,
         })
+    }
+
+    /// Adds its convolutions with their input sizes to `out` for an input of `h × w`; returns
+    /// the output size.
+    pub(crate) fn convs<'a>(
+        &'a self,
+        mut size: (usize, usize),
+        out: &mut super::ConvSizes<'a>,
+    ) -> (usize, usize) {
+        for resnet in &self.resnets {
+            size = resnet.convs(size, out);
+        }
+        match &self.upsampler {
+            None => size,
+            Some(Upsampler::Conv(conv)) => conv.convs(size, out),
+            Some(Upsampler::Resnet(resnet)) => resnet.convs(size, out),
+        }
     }
 
     /// Runs the block on `xs`, concatenating one skip from the end of `skips` (popped) before each resnet.

@@ -18,6 +18,9 @@ pub use config::{
 };
 
 use blocks::{DownBlock, UNetMidBlock2D, UpBlock};
+
+/// The convolutions of a model with the height and width of their inputs, in forward order.
+pub(crate) type ConvSizes<'a> = Vec<(&'a Conv2d, (usize, usize))>;
 use embeddings::{GaussianFourierProjection, TimeProjection, TimestepEmbedding, Timesteps};
 use resnet::{conv3x3, ResnetSettings};
 
@@ -297,6 +300,48 @@ impl UNet2DModel {
             }
             _ => Ok(h),
         }
+    }
+
+    /// Makes what the first forward pass on `batch` images of `height × width` would make on its
+    /// way, all at once and in parallel: the Winograd transforms of the 3×3 weights (kept for
+    /// later passes; see [`crate::ops::winograd`]). Sampling calls it before its first step; it
+    /// does nothing where a transform exists, and on devices and dtypes without one.
+    ///
+    /// Writing the transforms is mostly first touches of fresh memory (about 200 MiB for the
+    /// cifar10-32 UNet), so this is the place for it: the model's load, as ONNX Runtime packs
+    /// its weights when it creates a session, rather than the first step.
+    pub fn prepare(&self, batch: usize, height: usize, width: usize) {
+        use rayon::prelude::*;
+        self.convs((height, width))
+            .par_iter()
+            .for_each(|(conv, (h, w))| conv.prepare(batch, *h, *w));
+    }
+
+    /// For each convolution, in forward order, the points of the Winograd transform it keeps
+    /// (16 for F(2×2, 3×3), 36 for F(4×4, 3×3)), or `None` (im2col + GEMM, or not run yet).
+    pub fn winograd_points(&self) -> Vec<Option<usize>> {
+        self.convs((1, 1))
+            .iter()
+            .map(|(conv, _)| conv.winograd_points())
+            .collect()
+    }
+
+    /// The model's convolutions with the height and width of their inputs for an input of
+    /// `h × w`, in forward order.
+    pub(crate) fn convs(&self, size: (usize, usize)) -> ConvSizes<'_> {
+        let mut out = vec![(&self.conv_in, size)];
+        let mut size = size;
+        for block in &self.down_blocks {
+            size = block.convs(size, &mut out);
+        }
+        if let Some(mid) = &self.mid_block {
+            mid.convs(size, &mut out);
+        }
+        for block in &self.up_blocks {
+            size = block.convs(size, &mut out);
+        }
+        out.push((&self.conv_out, size));
+        out
     }
 
     /// Checks `x` is `(b, in_channels, h, w)` with `h`, `w` multiples of the spatial divisor; returns `b`.

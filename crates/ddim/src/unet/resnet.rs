@@ -58,6 +58,19 @@ impl Downsample2D {
     }
 }
 
+impl Downsample2D {
+    /// Adds its convolution with its input size to `out`; returns the output size.
+    pub(crate) fn convs<'a>(
+        &'a self,
+        (h, w): (usize, usize),
+        out: &mut super::ConvSizes<'a>,
+    ) -> (usize, usize) {
+        let pad = usize::from(self.padding == 0);
+        out.push((&self.conv, (h + pad, w + pad)));
+        (h / 2, w / 2)
+    }
+}
+
 impl Module for Downsample2D {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.padding == 0 {
@@ -88,6 +101,18 @@ impl Upsample2D {
 /// Nearest-neighbour upsampling by 2 (`F.interpolate(x, scale_factor=2.0, mode="nearest")`).
 fn upsample_nearest_x2(xs: &Tensor) -> candle_core::Result<Tensor> {
     crate::ops::upsample_nearest_2x(xs)
+}
+
+impl Upsample2D {
+    /// Adds its convolution with its input size to `out`; returns the output size.
+    pub(crate) fn convs<'a>(
+        &'a self,
+        (h, w): (usize, usize),
+        out: &mut super::ConvSizes<'a>,
+    ) -> (usize, usize) {
+        out.push((&self.conv, (2 * h, 2 * w)));
+        (2 * h, 2 * w)
+    }
 }
 
 impl Module for Upsample2D {
@@ -166,6 +191,25 @@ impl ResnetBlock2D {
             resample,
             settings: s,
         })
+    }
+
+    /// Adds its convolutions with their input sizes to `out` for an input of `h × w`; returns
+    /// the output size.
+    pub(crate) fn convs<'a>(
+        &'a self,
+        (h, w): (usize, usize),
+        out: &mut super::ConvSizes<'a>,
+    ) -> (usize, usize) {
+        let size = match self.resample {
+            Resample::Same => (h, w),
+            Resample::Down => (h / 2, w / 2),
+            Resample::Up => (2 * h, 2 * w),
+        };
+        out.extend([(&self.conv1, size), (&self.conv2, size)]);
+        if let Some(conv) = &self.conv_shortcut {
+            out.push((conv, size));
+        }
+        size
     }
 
     /// `xs`: (b, cin, h, w); `temb`: (b, temb_channels). Returns (b, cout, h', w').
