@@ -28,6 +28,18 @@ pub enum Upsampler {
     Resnet(Box<ResnetBlock2D>),
 }
 
+/// Adds the convolutions of `resnets`, run one after the other on an input of `size`, to
+/// `out`; returns the output size.
+fn resnet_convs<'a>(
+    resnets: &'a [ResnetBlock2D],
+    size: (usize, usize),
+    out: &mut super::ConvSizes<'a>,
+) -> (usize, usize) {
+    resnets
+        .iter()
+        .fold(size, |size, resnet| resnet.convs(size, out))
+}
+
 /// One encoder block. `DownBlock2D`, `AttnDownBlock2D` and `ResnetDownsampleBlock2D` differ only
 /// in whether `attentions` exist and in the kind of `downsamplers.0`, so one type serves all three.
 #[derive(Debug, Clone)]
@@ -101,12 +113,10 @@ impl DownBlock {
     /// the output size.
     pub(crate) fn convs<'a>(
         &'a self,
-        mut size: (usize, usize),
+        size: (usize, usize),
         out: &mut super::ConvSizes<'a>,
     ) -> (usize, usize) {
-        for resnet in &self.resnets {
-            size = resnet.convs(size, out);
-        }
+        let size = resnet_convs(&self.resnets, size, out);
         match &self.downsampler {
             None => size,
             Some(Downsampler::Conv(conv)) => conv.convs(size, out),
@@ -189,9 +199,7 @@ impl UNetMidBlock2D {
 
     /// Adds its convolutions with their input sizes to `out` for an input of `h × w`.
     pub(crate) fn convs<'a>(&'a self, size: (usize, usize), out: &mut super::ConvSizes<'a>) {
-        for resnet in &self.resnets {
-            resnet.convs(size, out);
-        }
+        resnet_convs(&self.resnets, size, out);
     }
 
     /// (b, c, h, w) -> (b, c, h, w).
@@ -280,12 +288,10 @@ impl UpBlock {
     /// the output size.
     pub(crate) fn convs<'a>(
         &'a self,
-        mut size: (usize, usize),
+        size: (usize, usize),
         out: &mut super::ConvSizes<'a>,
     ) -> (usize, usize) {
-        for resnet in &self.resnets {
-            size = resnet.convs(size, out);
-        }
+        let size = resnet_convs(&self.resnets, size, out);
         match &self.upsampler {
             None => size,
             Some(Upsampler::Conv(conv)) => conv.convs(size, out),
