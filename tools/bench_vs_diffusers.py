@@ -148,6 +148,9 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--onnx", action="store_true")
+    p.add_argument("--ddim-dtype", default="f32", choices=["f32", "bf16"],
+                   help="ddim's --dtype (bf16: bf16 products on CPUs with AVX512-BF16; the "
+                   "others stay f32)")
     p.add_argument("--ddim", default=os.path.join(ROOT, "target", "release", "ddim"))
     p.add_argument("--worker", choices=["diffusers", "onnx"], help=argparse.SUPPRESS)
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
@@ -176,7 +179,8 @@ def main():
             out = os.path.join(tmp, f"out{b}")
             wall, rss, text = run_child([args.ddim, "sample", "--model", model, "-n", str(b),
                                          "--batch-size", str(b), "--steps", str(args.steps),
-                                         "--quiet", "--output", out], env)
+                                         "--dtype", args.ddim_dtype, "--quiet", "--output",
+                                         out], env)
             # "16 images x 10 steps in 28.57 s (...)": the sampling time, load excluded
             sample = float(re.search(r"steps in ([0-9.]+) s", text).group(1))
             return wall, rss, sample
@@ -190,7 +194,7 @@ def main():
                 return wall, rss, float(re.search(r'"sample_s": ([0-9.e-]+)', text).group(1))
             return run
 
-        impls = [("ddim", ours), (f"diffusers {diffusers.__version__}", worker("diffusers"))]
+        impls = [("ddim" if args.ddim_dtype == "f32" else f"ddim ({args.ddim_dtype})", ours), (f"diffusers {diffusers.__version__}", worker("diffusers"))]
         if args.onnx:
             impls.append(("ONNX Runtime", worker("onnx")))
         rows = []

@@ -175,6 +175,17 @@ pub fn load_model(
     dtype: DType,
 ) -> Result<Model> {
     let device = device(args.device)?;
+    // bf16 on the CPU: f32 weights and activations, bf16 products (AVX512-BF16 CPUs only).
+    let dtype = if dtype == DType::BF16 && device.is_cpu() {
+        ddim::ops::bf16::set_enabled(true).map_err(|e| {
+            UsageError(format!(
+                "--dtype bf16: {e}; on this CPU use f32 (the fastest here) or f16"
+            ))
+        })?;
+        DType::F32
+    } else {
+        dtype
+    };
     // Before a hub download, not after it.
     ddim::loader::check_dtype(dtype, &device)?;
     let Some(spec) = args.model.as_deref() else {

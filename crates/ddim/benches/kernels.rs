@@ -63,6 +63,59 @@ fn conv(c: &mut Criterion) {
     g.finish();
 }
 
+/// One thread's matrix product at the shapes of the Winograd convolutions' per-point products,
+/// `(c_out × c_in)·(c_in × blocks)`: the bf16 kernel (where the CPU has AVX512-BF16) against
+/// the `gemm` crate in f32.
+fn product_bf16(c: &mut Criterion) {
+    if !ddim::ops::bf16::available() {
+        eprintln!("product_bf16: this CPU has no AVX512-BF16, skipped");
+        return;
+    }
+    let mut g = c.benchmark_group("product_1_thread");
+    for (m, k, n) in [
+        (128, 128, 64),
+        (256, 256, 64),
+        (256, 512, 128),
+        (128, 384, 256),
+    ] {
+        let a = TorchGenerator::new(1).randn(m * k);
+        let b = TorchGenerator::new(2).randn(k * n);
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let id = format!("{m}x{k}x{n}");
+        let packed = ddim::ops::bf16::pack_a(&a, m, k);
+        g.bench_function(BenchmarkId::new("bf16", &id), |bn| {
+            bn.iter(|| ddim::ops::bf16::matmul(&packed, m, k, &b, n, n, &mut out, n))
+        });
+        g.bench_function(BenchmarkId::new("gemm-f32", &id), |bn| {
+            bn.iter(|| unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 fn group_norm_silu(c: &mut Criterion) {
     ddim::configure_cpu_threads();
     let mut g = c.benchmark_group("group_norm_silu");
@@ -128,5 +181,5 @@ fn unet_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv, group_norm_silu, unet_forward);
+criterion_group!(benches, conv, product_bf16, group_norm_silu, unet_forward);
 criterion_main!(benches);

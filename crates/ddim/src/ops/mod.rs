@@ -1,6 +1,7 @@
 //! Fast CPU kernels for what candle 0.11 does slowly on the CPU, as candle custom ops with
 //! forward and backward passes; on other devices and dtypes they fall back to candle's own ops.
 
+pub mod bf16;
 pub mod conv;
 pub mod elementwise;
 pub mod group_norm;

@@ -260,6 +260,19 @@ pub fn transform_weight(w: &Tensor, tile: Tile) -> Result<Tensor> {
     )
 }
 
+/// [`transform_weight`] packed for the bf16 kernel ([`super::bf16`]): a `u32` tensor of
+/// α² packed `c_out × c_in` matrices, `(points, packed length)`.
+pub fn transform_weight_bf16(w: &Tensor, tile: Tile) -> Result<Tensor> {
+    let (c_out, c_in, _, _) = w.dims4()?;
+    let u = transform_weight(w, tile)?.flatten_all()?.to_vec1::<f32>()?;
+    let packed: Vec<u32> = u
+        .par_chunks(c_out * c_in)
+        .flat_map_iter(|m| super::bf16::pack_a(m, c_out, c_in))
+        .collect();
+    let len = super::bf16::packed_len(c_out, c_in);
+    Tensor::from_vec(packed, (tile.points(), len), w.device())
+}
+
 /// [`transform_weight`] on the values of a `(c_out, c_in, 3, 3)` weight, in parallel over
 /// channel pairs.
 pub(crate) fn transform_weight_values(
@@ -540,20 +553,29 @@ impl CustomOp2 for WinogradConv {
     ) -> Result<(CpuStorage, Shape)> {
         let conv = ConvGeometry::new(xl.dims(), self.weight.dims(), 1, self.padding)?;
         let tile = ul.dims().first().and_then(|&p| Tile::from_points(p));
-        let Some(tile) = tile.filter(|t| ul.dims() == [t.points(), conv.c_out, conv.c_in]) else {
+        let packed = matches!(us, CpuStorage::U32(_));
+        let shape = |t: &Tile| match packed {
+            false => ul.dims() == [t.points(), conv.c_out, conv.c_in],
+            true => ul.dims() == [t.points(), super::bf16::packed_len(conv.c_out, conv.c_in)],
+        };
+        let Some(tile) = tile.filter(shape) else {
             candle_core::bail!(
                 "winograd: transformed weight has shape {:?}, expected [16 or 36, {}, {}] for a \
-                 {:?} kernel",
+                 {:?} kernel (or [16 or 36, n] packed for bf16)",
                 ul.dims(),
                 conv.c_out,
                 conv.c_in,
                 self.weight.dims()
             )
         };
-        let (x, u) = (
-            f32_slice(xs, xl, "conv2d", "input")?,
-            f32_slice(us, ul, "conv2d", "weight")?,
-        );
+        let x = f32_slice(xs, xl, "conv2d", "input")?;
+        let u = match us {
+            CpuStorage::U32(data) => match ul.contiguous_offsets() {
+                Some((start, end)) => Transformed::Bf16(&data[start..end]),
+                None => candle_core::bail!("conv2d: weight must be contiguous"),
+            },
+            _ => Transformed::F32(f32_slice(us, ul, "conv2d", "weight")?),
+        };
         forward(x, &conv, u, tile)
     }
 
@@ -581,21 +603,37 @@ pub fn conv3x3(x: &Tensor, u: &Tensor, weight: &Tensor, padding: usize) -> Resul
     )
 }
 
+/// A transformed weight: α² row-major `c_out × c_in` matrices ([`transform_weight_values`]),
+/// or the same packed for the bf16 kernel ([`super::bf16::pack_a`], one after the other).
+#[derive(Clone, Copy)]
+pub(crate) enum Transformed<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
 /// The Winograd convolution `conv` (3×3, stride 1) of `x` with the transformed weight `u`
-/// from [`transform_weight_values`] for `tile`.
+/// for `tile`.
 pub(crate) fn forward(
     x: &[f32],
     conv: &ConvGeometry,
-    u: &[f32],
+    u: Transformed,
     tile: Tile,
 ) -> Result<(CpuStorage, Shape)> {
     let g = Geometry::new(conv, tile)?;
     let points = tile.points();
-    if u.len() != points * g.c_out * g.c_in || x.len() != g.b * g.c_in * g.h * g.w {
+    let per_point = match u {
+        Transformed::F32(_) => g.c_out * g.c_in,
+        Transformed::Bf16(_) => super::bf16::packed_len(g.c_out, g.c_in),
+    };
+    let u_len = match u {
+        Transformed::F32(u) => u.len(),
+        Transformed::Bf16(u) => u.len(),
+    };
+    if u_len != points * per_point || x.len() != g.b * g.c_in * g.h * g.w {
         candle_core::bail!(
             "winograd: {} input or {} weight values do not fit {conv:?} with {tile:?}",
             x.len(),
-            u.len()
+            u_len
         )
     }
     let total = g.b * g.c_out * g.ho * g.wo;
@@ -641,7 +679,14 @@ pub(crate) fn forward(
             g.transform_input(x, rows.clone(), v, vs);
             with_buffer(&BLOCK, points * ms, |m| {
                 let product = |(xi, mx): (usize, &mut [f32])| {
-                    let (uxi, vxi) = (&u[xi * co * ci..][..co * ci], &v[xi * vs..][..ci * len]);
+                    let vxi = &v[xi * vs..][..ci * len];
+                    let uxi = match u {
+                        Transformed::F32(u) => &u[xi * per_point..][..per_point],
+                        Transformed::Bf16(u) => {
+                            let uxi = &u[xi * per_point..][..per_point];
+                            return super::bf16::matmul(uxi, co, ci, vxi, len, len, mx, len);
+                        }
+                    };
                     // SAFETY: `mx` is this product's own co × len values.
                     unsafe {
                         matmul(
