@@ -156,7 +156,7 @@ fn config_from_args(args: &TrainArgs, data: &Dataset) -> Result<TrainConfig> {
         )?,
     };
     let divisor = unet.spatial_divisor();
-    if data.size % divisor != 0 {
+    if !data.size.is_multiple_of(divisor) {
         return Err(usage(format!(
             "--resolution {}: this UNet halves the image {} time(s), so the resolution must be a \
              multiple of {divisor}",

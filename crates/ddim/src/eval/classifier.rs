@@ -104,7 +104,7 @@ impl DigitClassifier {
     pub fn features_and_classes(&self, pixels: &[f32]) -> Result<(Vec<f32>, Vec<u8>)> {
         let size = self.image_size;
         let per = size * size;
-        if pixels.len() % per != 0 {
+        if !pixels.len().is_multiple_of(per) {
             return Err(Error::argument(
                 "pixels",
                 format!("{} values", pixels.len()),
@@ -462,7 +462,7 @@ impl TrainedClassifier {
         }
         let mut json = serde_json::Value::Object(header).to_string().into_bytes();
         // The data starts 8-byte aligned, the header padded with spaces as safetensors does.
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = Vec::with_capacity(8 + json.len() + data.len());

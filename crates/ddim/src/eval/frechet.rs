@@ -28,7 +28,7 @@ impl GaussianStats {
     /// Fits a Gaussian to `rows`: `rows.len() / dim` vectors of `dim` values, one after the other.
     /// Needs at least two vectors and finite values.
     pub fn from_rows(rows: &[f32], dim: usize) -> Result<Self> {
-        if dim == 0 || rows.len() % dim != 0 {
+        if dim == 0 || !rows.len().is_multiple_of(dim) {
             return Err(Error::argument(
                 "rows",
                 format!("{} values", rows.len()),

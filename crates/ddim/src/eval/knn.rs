@@ -29,7 +29,7 @@ struct Points {
 
 impl Points {
     fn new(rows: &[f32], dim: usize, name: &str, k: usize) -> Result<Self> {
-        if dim == 0 || rows.len() % dim != 0 {
+        if dim == 0 || !rows.len().is_multiple_of(dim) {
             return Err(Error::argument(
                 name,
                 format!("{} values", rows.len()),

@@ -1002,7 +1002,7 @@ mod tests {
                 // two threads get the same number of tiles (powers of two)
                 let even = (g.b * g.ho).is_power_of_two();
                 assert!(
-                    threads != 2 || !even || tiles.len() % 2 == 0,
+                    threads != 2 || !even || tiles.len().is_multiple_of(2),
                     "{x:?} {floats}"
                 );
                 for t in tiles {

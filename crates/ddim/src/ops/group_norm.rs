@@ -28,7 +28,7 @@ impl Dims {
             candle_core::bail!("group_norm: expected (b, c, ...) input, got {x:?}")
         }
         let c = x[1];
-        if groups == 0 || c % groups != 0 {
+        if groups == 0 || !c.is_multiple_of(groups) {
             candle_core::bail!("group_norm: {c} channels cannot form {groups} groups")
         }
         Ok(Dims {
@@ -331,7 +331,7 @@ impl GroupNorm {
         eps: f64,
         vb: candle_nn::VarBuilder,
     ) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("GroupNorm: {channels} channels cannot form {groups} groups")
         }
         Ok(GroupNorm {

@@ -647,7 +647,7 @@ impl UNet2DConfig {
         }
         if let Some(attn_groups) = self.attn_norm_num_groups {
             let c = channels[channels.len() - 1];
-            if attn_groups == 0 || c % attn_groups != 0 {
+            if attn_groups == 0 || !c.is_multiple_of(attn_groups) {
                 return Err(Error::config(
                     "attn_norm_num_groups",
                     attn_groups,
