@@ -135,6 +135,12 @@ pub fn matmul(
     assert!(k == 0 || b.len() >= (k - 1) * ldb + n, "bf16: b too short");
     assert!(c.len() >= (rows - 1) * ldc + n, "bf16: c too short");
     assert!(ldb >= n && ldc >= n, "bf16: row strides shorter than rows");
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(rows) {
+            row[..n].fill(0.0);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let kp = k.div_ceil(2);
@@ -278,6 +284,7 @@ mod tests {
             (3, 256, 70),
             (40, 129, 33),
             (1, 1, 1),
+            (5, 0, 3),
         ] {
             let a: Vec<f32> = (0..rows * k).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
