@@ -5,7 +5,7 @@ One UNet of a hub config (random weights, made once by diffusers and saved as a 
 that both sides load), one DDIM run per implementation and batch size, each in its own process so
 that its peak RSS is its own, model load included, the same number of threads:
 
-    python tools/bench_vs_diffusers.py --threads 2 --batch 1,16 --steps 10
+    python tools/bench_vs_diffusers.py --threads 2 --batch 1,16 --steps 10 --rounds 5
 
 - ddim: `target/release/ddim sample` (build it first: `cargo build --release`), with
   RAYON_NUM_THREADS set to --threads.
@@ -16,7 +16,10 @@ that its peak RSS is its own, model load included, the same number of threads:
   DDIMScheduler loop.
 
 Prints a table: wall time, image-steps per second, GFLOP/s (the UNet's FLOPs per image-step
-counted by torch's FlopCounterMode), peak RSS, and each speed as a ratio of diffusers'. Run it on
+counted by torch's FlopCounterMode), peak RSS, and each speed as a ratio of diffusers'. With
+--rounds N each implementation runs N times per batch size, in turn (ours, diffusers, ONNX, ours,
+...), so that a slow spell of the machine hits all of them; the table then holds medians and the
+per-round step ratios follow it. Run it on
 a quiet machine: nothing else may compete for the cores. Needs torch and diffusers in a
 virtualenv outside the repository, and GNU time (`/usr/bin/time`, Debian package `time`).
 """
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,6 +152,9 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--onnx", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of each implementation per batch size, taken in turn; the table "
+                   "shows medians and the step ratios of each round follow it")
     p.add_argument("--ddim-dtype", default="f32", choices=["f32", "bf16"],
                    help="ddim's --dtype (bf16: bf16 products on CPUs with AVX512-BF16; the "
                    "others stay f32)")
@@ -156,6 +163,8 @@ def main():
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be 1 or more")
     if args.worker == "diffusers":
         return diffusers_worker(args)
     if args.worker == "onnx":
@@ -176,7 +185,8 @@ def main():
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
 
         def ours(b):
-            out = os.path.join(tmp, f"out{b}")
+            # a fresh folder each run: ddim skips the images a folder already holds (resume)
+            out = tempfile.mkdtemp(prefix=f"out{b}-", dir=tmp)
             wall, rss, text = run_child([args.ddim, "sample", "--model", model, "-n", str(b),
                                          "--batch-size", str(b), "--steps", str(args.steps),
                                          "--dtype", args.ddim_dtype, "--quiet", "--output",
@@ -194,23 +204,33 @@ def main():
                 return wall, rss, float(re.search(r'"sample_s": ([0-9.e-]+)', text).group(1))
             return run
 
-        impls = [("ddim" if args.ddim_dtype == "f32" else f"ddim ({args.ddim_dtype})", ours), (f"diffusers {diffusers.__version__}", worker("diffusers"))]
+        ours_name = "ddim" if args.ddim_dtype == "f32" else f"ddim ({args.ddim_dtype})"
+        impls = [(ours_name, ours), (f"diffusers {diffusers.__version__}", worker("diffusers"))]
         if args.onnx:
             impls.append(("ONNX Runtime", worker("onnx")))
-        rows = []
+        rows, per_round = [], []
         for b in batches:
-            results = [(name, *run(b)) for name, run in impls]
-            base_wall, base_sample = results[1][1], results[1][3]
-            for name, wall, rss, sample in results:
+            # runs[i][r]: implementation i's (wall, rss, sample) in round r
+            runs = [[] for _ in impls]
+            for _ in range(args.rounds):
+                for i, (_, run) in enumerate(impls):
+                    runs[i].append(run(b))
+            med = [tuple(statistics.median(col) for col in zip(*r)) for r in runs]
+            base_wall, base_sample = med[1][0], med[1][2]
+            for (name, _), (wall, rss, sample) in zip(impls, med):
                 step = sample / args.steps
                 rows.append((b, name, wall, b * args.steps / wall, step, b / step, rss,
                              base_wall / wall, base_sample / sample))
+            if args.rounds > 1:
+                ratios = lambda j: ", ".join(f"{t[2] / o[2]:.2f}" for o, t in zip(runs[0], runs[j]))
+                per_round.append(f"batch {b}: {impls[0][0]} vs {impls[1][0]} {ratios(1)}" +
+                                 (f"; vs {impls[2][0]} {ratios(2)}" if args.onnx else ""))
 
     print(f"DDIM sampling, {os.path.basename(os.path.normpath(args.config))} UNet "
           f"({params:,} parameters, {gflop:.1f} GFLOP per image-step), {args.threads} threads, "
           f"torch {torch.__version__}. 'Run' is a whole {args.steps}-step run with the model load "
           f"(and for Python the imports); 'step' is the sampling loop alone, per step, timed "
-          f"inside each process.")
+          f"inside each process." + (f" Medians of {args.rounds} rounds." if args.rounds > 1 else ""))
     print("| batch | implementation | run | image-steps/s (run) | step | image-steps/s (step) "
           "| GFLOP/s (step) | peak RSS | vs diffusers (run) | vs diffusers (step) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -218,6 +238,10 @@ def main():
         print(f"| {b} | {name} | {wall:.2f} s | {ips:.2f} | {step * 1e3:.0f} ms | "
               f"{ips_step:.2f} | {ips_step * gflop:.0f} | {rss:.0f} MiB | {r_run:.2f}x "
               f"| {r_step:.2f}x |")
+    if per_round:
+        print("\nStep speed ratios, round by round (other's step time / ours):")
+        for line in per_round:
+            print(f"- {line}")
 
 
 if __name__ == "__main__":
