@@ -746,6 +746,18 @@ mod tests {
     /// for padding 0 and 1, odd and even sizes, one and several chunks and images.
     #[test]
     fn matches_direct_convolution() {
+        // One thread: the chunks one after the other. Three: chunks in parallel, or a chunk's
+        // α² products spread over the threads where there are fewer chunks than threads.
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| matches_direct_convolution_here(threads));
+        }
+    }
+
+    fn matches_direct_convolution_here(threads: usize) {
         for tile in [Tile::F2, Tile::F4] {
             for (seed, &(b, c, h, w, o, p)) in [
                 (1, 3, 8, 8, 4, 1),
@@ -754,6 +766,7 @@ mod tests {
                 (1, 16, 12, 12, 8, 1),
                 (2, 2, 3, 3, 2, 0),
                 (1, 3, 13, 11, 2, 1),
+                (3, 2, 38, 40, 5, 1),
             ]
             .iter()
             .enumerate()
@@ -773,7 +786,7 @@ mod tests {
                 let scale = theirs.abs().unwrap().max_all().unwrap();
                 let tol = 1e-5 * scale.to_scalar::<f32>().unwrap().max(1.0);
                 let err = max_diff(&ours, &theirs);
-                assert!(err < tol, "{tile:?} {seed}: {err}");
+                assert!(err < tol, "{tile:?} {seed}, {threads} threads: {err}");
                 assert_same_gradients(&ours, &theirs, &[&x], 90 + s, 1e-4);
             }
         }
