@@ -327,6 +327,17 @@ pub fn preset(name: &str, channels: usize, size: usize) -> Result<UNet2DConfig> 
     Ok(c)
 }
 
+/// The examples of one optimisation step.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Clean images x_0, NCHW in [-1, 1].
+    pub x0: Tensor,
+    /// The noise ε, of x_0's shape.
+    pub noise: Tensor,
+    /// One training timestep per image, below `num_train_timesteps`.
+    pub timesteps: Vec<usize>,
+}
+
 /// What one optimisation step reports.
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
@@ -424,6 +435,60 @@ impl Trainer {
         self.params.iter().map(Vec::len).sum()
     }
 
+    /// The parameters' diffusers names, in the order of [`Trainer::loss_and_gradients`].
+    pub fn parameter_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The noise schedule the run trains on (`add_noise`, `get_velocity`).
+    pub fn noise_scheduler(&self) -> &DDPMScheduler {
+        &self.noise
+    }
+
+    /// The raw (not EMA) weights by diffusers name (on the CPU).
+    pub fn weights(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        self.tensors_of(&self.params)
+    }
+
+    /// Starts the run from `weights` (diffusers names, every parameter of the model, f32) instead
+    /// of the seeded initialisation: raw and EMA weights both. Only before the first step.
+    pub fn load_weights(
+        &mut self,
+        weights: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        if self.step_count() > 0 {
+            return Err(Error::argument(
+                "weights",
+                format!("a run at step {}", self.step_count()),
+                "a run that has not taken a step",
+            ));
+        }
+        let mut params = Vec::with_capacity(self.names.len());
+        for (name, var) in self.names.iter().zip(&self.vars) {
+            let t = weights.get(name).ok_or_else(|| {
+                Error::argument("weights", name, "a tensor for every parameter of the model")
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::argument(
+                    "weights",
+                    format!("{name} of shape {:?}", t.dims()),
+                    format!("shape {:?}", var.dims()),
+                ));
+            }
+            params.push(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        if let Some(extra) = weights.keys().find(|k| !self.names.contains(k)) {
+            return Err(Error::argument(
+                "weights",
+                extra,
+                "a parameter of the model",
+            ));
+        }
+        let moments = params.iter().map(|p| Moments::zeros(p.len())).collect();
+        let ema = params.clone();
+        self.restore(params, moments, ema, Vec::new())
+    }
+
     /// The model being trained (raw weights, not the EMA).
     pub fn model(&self) -> &UNet2DModel {
         &self.model
@@ -445,9 +510,9 @@ impl Trainer {
         out
     }
 
-    /// One optimisation step on a batch of `data`. A loss or gradient that is not finite
-    /// leaves the weights as they were and returns [`Error::Diverged`].
-    pub fn step(&mut self, data: &Dataset) -> Result<StepStats> {
+    /// The examples of the next step (step [`Trainer::step_count`] from 0): its images of
+    /// `data`, their flips, t and ε, all a function of (seed, step).
+    pub fn next_batch(&mut self, data: &Dataset) -> Result<Batch> {
         let c = &self.config.unet;
         if data.channels != c.in_channels || Some((data.size, data.size)) != c.sample_size {
             return Err(Error::argument(
@@ -470,7 +535,6 @@ impl Trainer {
         let (ch, s) = (data.channels, data.size);
         let per_image = ch * s * s;
 
-        // The batch, its flips, t and ε: all from (seed, step).
         let indices = self.batch_indices(step, data.len);
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ DATA_SALT);
         rng.set_stream(step);
@@ -487,16 +551,38 @@ impl Trainer {
         }
         let t_max = self.config.scheduler.num_train_timesteps;
         let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..t_max)).collect();
-        let mut eps = vec![0f32; b * per_image];
-        ImageStream::new(self.config.seed ^ NOISE_SALT, step).fill_normal(&mut eps);
-
+        let mut noise = vec![0f32; b * per_image];
+        ImageStream::new(self.config.seed ^ NOISE_SALT, step).fill_normal(&mut noise);
         let shape = (b, ch, s, s);
-        let x0 = Tensor::from_vec(x0, shape, &self.device)?;
-        let eps = Tensor::from_vec(eps, shape, &self.device)?;
-        let x_t = self.noise.add_noise(&x0, &eps, &timesteps)?;
+        Ok(Batch {
+            x0: Tensor::from_vec(x0, shape, &self.device)?,
+            noise: Tensor::from_vec(noise, shape, &self.device)?,
+            timesteps,
+        })
+    }
+
+    /// The objective on `batch` at the current weights: the mean squared error of the UNet's
+    /// prediction of ε (or v, or x_0) from `x_t = add_noise(x_0, ε, t)`, and the gradient of
+    /// every parameter, in the order of [`Trainer::parameter_names`]. Changes nothing.
+    pub fn loss_and_gradients(&self, batch: &Batch) -> Result<(f32, Vec<Vec<f32>>)> {
+        let (x0, eps, timesteps) = (&batch.x0, &batch.noise, &batch.timesteps);
+        let (b, ch) = (x0.dim(0)?, x0.dim(1)?);
+        if eps.dims() != x0.dims() || timesteps.len() != b {
+            return Err(Error::argument(
+                "batch",
+                format!(
+                    "x0 {:?}, noise {:?}, {} timesteps",
+                    x0.dims(),
+                    eps.dims(),
+                    timesteps.len()
+                ),
+                "noise of x0's shape and one timestep per image",
+            ));
+        }
+        let x_t = self.noise.add_noise(x0, eps, timesteps)?;
         let target = match self.config.scheduler.prediction_type {
             PredictionType::Epsilon => eps.clone(),
-            PredictionType::VPrediction => self.noise.get_velocity(&x0, &eps, &timesteps)?,
+            PredictionType::VPrediction => self.noise.get_velocity(x0, eps, timesteps)?,
             PredictionType::Sample => x0.clone(),
         };
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
@@ -510,15 +596,10 @@ impl Trainer {
         let loss = (pred - &target)?.sqr()?.mean_all()?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
-            return Err(Error::Diverged {
-                step: step + 1,
-                what: format!("loss {loss_value}"),
-            });
+            return Ok((loss_value, Vec::new()));
         }
         let grads = loss.backward()?;
-
         let mut flat = Vec::with_capacity(self.vars.len());
-        let mut sq = 0f64;
         for var in &self.vars {
             // No gradient reaches a parameter whose gradient is identically zero (the key bias
             // of softmax attention shifts every score of a query equally), as in PyTorch.
@@ -526,9 +607,54 @@ impl Trainer {
                 Some(g) => g.flatten_all()?.to_vec1()?,
                 None => vec![0.0; var.elem_count()],
             };
-            sq += g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
             flat.push(g);
         }
+        Ok((loss_value, flat))
+    }
+
+    /// One optimisation step on a batch of `data`. A loss or gradient that is not finite
+    /// leaves the weights as they were and returns [`Error::Diverged`].
+    pub fn step(&mut self, data: &Dataset) -> Result<StepStats> {
+        let batch = self.next_batch(data)?;
+        self.step_on(&batch)
+    }
+
+    /// One optimisation step on `batch`: the gradient, clipping, AdamW at the step's learning
+    /// rate and the EMA update. A loss or gradient that is not finite leaves the weights as
+    /// they were and returns [`Error::Diverged`].
+    pub fn step_on(&mut self, batch: &Batch) -> Result<StepStats> {
+        let (loss, gradients) = self.loss_and_gradients(batch)?;
+        self.apply_gradients(loss, &gradients)
+    }
+
+    /// The update of one optimisation step from its loss and gradients (in the order of
+    /// [`Trainer::parameter_names`]): clipping to the global norm, AdamW at the step's learning
+    /// rate, the EMA update; the loss joins the record. A loss or gradient that is not finite
+    /// changes nothing and returns [`Error::Diverged`].
+    pub fn apply_gradients(&mut self, loss_value: f32, flat: &[Vec<f32>]) -> Result<StepStats> {
+        let step = self.step_count();
+        let sizes_match = flat.len() == self.params.len()
+            && flat
+                .iter()
+                .zip(&self.params)
+                .all(|(g, p)| g.len() == p.len());
+        if !sizes_match && loss_value.is_finite() {
+            return Err(Error::argument(
+                "gradients",
+                format!("{} tensors", flat.len()),
+                format!("one per parameter, of its size ({})", self.params.len()),
+            ));
+        }
+        if !loss_value.is_finite() {
+            return Err(Error::Diverged {
+                step: step + 1,
+                what: format!("loss {loss_value}"),
+            });
+        }
+        let sq: f64 = flat
+            .iter()
+            .map(|g| g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+            .sum();
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::Diverged {
@@ -550,7 +676,7 @@ impl Trainer {
             .zip(&mut self.moments)
             .zip(&mut self.ema)
             .zip(&self.vars);
-        for ((((param, moments), ema), var), grad) in slots.zip(&flat) {
+        for ((((param, moments), ema), var), grad) in slots.zip(flat) {
             optim::adamw_update(
                 &self.config.adamw,
                 lr,

@@ -61,6 +61,22 @@ impl Attention {
     }
 }
 
+/// Softmax over the last dimension. candle's fused `softmax_last_dim` has no backward pass (it
+/// is applied with `apply_op1_no_bwd`: in training, no gradient would reach `to_q` and `to_k`,
+/// and what reaches the layers below would lack their share), so a tensor that autograd tracks
+/// takes the composed form, `exp(x - max) / sum`, whose ops all have gradients; the max is a
+/// constant shift that changes neither the result nor its gradient, so it is detached.
+fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if !xs.track_op() {
+        return candle_nn::ops::softmax_last_dim(xs);
+    }
+    let dim = candle_core::D::Minus1;
+    let max = xs.max_keepdim(dim)?.detach();
+    let num = xs.broadcast_sub(&max)?.exp()?;
+    let den = num.sum_keepdim(dim)?;
+    num.broadcast_div(&den)
+}
+
 impl Module for Attention {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
@@ -82,7 +98,7 @@ impl Module for Attention {
         // softmax(q k^T / sqrt(head_dim)) v: (b, heads, n, n) @ (b, heads, n, d)
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = softmax_last_dim(&scores)?.matmul(&v)?;
         // (b, heads, n, d) -> (b, n, heads * d) -> to_out -> (b, c, h, w)
         let attn = attn
             .transpose(1, 2)?
