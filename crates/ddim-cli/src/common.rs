@@ -80,6 +80,8 @@ pub struct Model {
     pub config: UNet2DConfig,
     pub unet: UNet2DModel,
     pub scheduler_config: SchedulerConfig,
+    /// The file the scheduler config came from; `None` for the built-in model's or defaults.
+    pub scheduler_file: Option<PathBuf>,
     pub device: Device,
 }
 
@@ -210,6 +212,7 @@ pub fn load_model(
             config,
             unet,
             scheduler_config,
+            scheduler_file: args.scheduler_config.clone(),
             device,
         });
     };
@@ -232,9 +235,9 @@ pub fn load_model(
     }
     let scheduler_file = args
         .scheduler_config
-        .as_deref()
-        .or_else(|| loaded.scheduler_config());
-    let mut scheduler_config = match scheduler_file {
+        .clone()
+        .or_else(|| loaded.scheduler_config().map(Path::to_path_buf));
+    let mut scheduler_config = match &scheduler_file {
         Some(path) => read_scheduler_config(path)?,
         None => {
             eprintln!(
@@ -253,8 +256,58 @@ pub fn load_model(
         config: loaded.config,
         unet: loaded.model,
         scheduler_config,
+        scheduler_file,
         device,
     })
+}
+
+impl Model {
+    /// A SHA-256 of the UNet's config and weights files (of the embedded bytes for the built-in
+    /// model): the model's identity in a run record, wherever the folder is.
+    pub fn sha256(&self) -> Result<String> {
+        let Some(files) = &self.files else {
+            return Ok(crate::run_record::sha256_hex([
+                builtin::CONFIG.as_bytes(),
+                builtin::WEIGHTS,
+            ]));
+        };
+        let mut paths = vec![files.config.clone()];
+        match &files.weights {
+            ddim::loader::WeightFiles::Safetensors(p) | ddim::loader::WeightFiles::PyTorch(p) => {
+                paths.push(p.clone())
+            }
+            ddim::loader::WeightFiles::ShardedSafetensors { index, shards } => {
+                paths.push(index.clone());
+                paths.extend(shards.iter().cloned());
+            }
+        }
+        crate::run_record::sha256_files(&paths)
+    }
+
+    /// Refuses a scheduler config whose `_class_name` is a sampler ddim does not implement:
+    /// diffusers' pipelines sample such a folder with that sampler, so DDIM in its place would
+    /// silently give other images. `DDPMScheduler` and `DDIMScheduler` configs are sampled with
+    /// DDIM by default, as `DDIMPipeline` does with a DDPM-trained model.
+    pub fn check_scheduler_class(&self) -> Result<()> {
+        let Some(name) = self.scheduler_config.class_name.as_deref() else {
+            return Ok(());
+        };
+        if ddim::scheduler::SchedulerKind::from_class_name(name).is_some() {
+            return Ok(());
+        }
+        let file = self
+            .scheduler_file
+            .as_ref()
+            .map_or_else(|| self.source.clone(), |p| p.display().to_string());
+        Err(UsageError(format!(
+            "{file}: the scheduler config names `{name}`, which ddim does not implement (yet); \
+             it reads DDIMScheduler, DDPMScheduler (sampled with DDIM unless --scheduler ddpm, as \
+             DDIMPipeline does), GaussianDDPMScheduler and DDIMInverseScheduler configs. To sample \
+             this model with DDIM anyway, pass --scheduler-config with one of those (e.g. `ddim \
+             schedule --save-config` writes one)"
+        ))
+        .into())
+    }
 }
 
 fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {

@@ -38,6 +38,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     }
     // Loading checks that config and weights agree.
     let model = common::load_model(&args.model, None, DType::F32)?;
+    model.check_scheduler_class()?;
     let tensors = match &model.files {
         Some(files) => ddim::loader::read_unet_tensors(&files.weights)
             .with_context(|| format!("reading {}", files.weights.path().display()))?,

@@ -158,6 +158,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let (steps, etas) = check_grid(&args)?;
     let model = common::load_model(&args.model, None, args.compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
     let [_, channels, height, width] = pipeline::noise_shape(&model.unet, 1)?;
     if height != width {
         return Err(usage(format!(

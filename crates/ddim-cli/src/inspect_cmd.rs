@@ -85,6 +85,10 @@ pub fn run(args: InspectArgs) -> Result<()> {
         cfg.class_name.as_deref().unwrap_or("no _class_name"),
         serde_json::to_string_pretty(&cfg.to_json(cfg.kind().unwrap_or(SchedulerKind::Ddpm)))?
     );
+    if let Err(refused) = model.check_scheduler_class() {
+        say!("sample would refuse this model: {refused}");
+        return Ok(());
+    }
     let mut s = DDIMScheduler::new(cfg)?;
     s.set_timesteps(args.steps)?;
     let ts = s.timesteps();

@@ -88,6 +88,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         .map(TimestepSpacing::from_name)
         .transpose()?;
     let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let end = |seed| match args.rng {
         RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),

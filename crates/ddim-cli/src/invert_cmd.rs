@@ -55,6 +55,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         common::refuse_existing(path, args.overwrite)?;
     }
     let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let is_npy = args
         .input

@@ -17,6 +17,7 @@ mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;
 mod plot;
+mod run_record;
 mod sample_cmd;
 mod schedule_cmd;
 mod train_classifier_cmd;
@@ -90,26 +91,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2 when the error comes from what the user gave us (arguments, files), 1 otherwise.
+/// The exit code of every error, in one place: 2 when it comes from what the user gave us
+/// (arguments, files; the library's [`ddim::ErrorKind::Input`] or our [`UsageError`]), 1 for
+/// a failure of the run itself.
 fn exit_code(err: &anyhow::Error) -> u8 {
     let user_error = err.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<ddim::Error>(),
-            Some(
-                ddim::Error::InvalidConfig { .. }
-                    | ddim::Error::InvalidArgument { .. }
-                    | ddim::Error::Io { .. }
-                    | ddim::Error::Json { .. }
-                    | ddim::Error::ModelFileNotFound { .. }
-                    | ddim::Error::WeightMismatch { .. }
-                    | ddim::Error::BadWeights { .. }
-                    | ddim::Error::Npy { .. }
-                    | ddim::Error::Image { .. }
-                    | ddim::Error::ModelNotFound { .. }
-                    | ddim::Error::HubNotCached { .. }
-                    | ddim::Error::HubRepoLayout { .. }
-            )
-        ) || cause.downcast_ref::<UsageError>().is_some()
+        cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<ddim::Error>()
+                .is_some_and(|e| e.kind() == ddim::ErrorKind::Input)
     });
     if user_error {
         2

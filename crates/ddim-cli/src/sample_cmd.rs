@@ -11,7 +11,8 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ComputeArgs, ModelArgs};
+use crate::common::{self, ComputeArgs, Model, ModelArgs};
+use crate::run_record::{Claim, RunRecord};
 use crate::UsageError;
 
 /// The sampler.
@@ -67,17 +68,14 @@ pub struct SampleArgs {
     /// Images are numbered after the files already in the folder (sample_00000.png, ...).
     #[arg(long, value_name = "FILE.npy")]
     pub noise: Option<PathBuf>,
-    /// A folder, or one FILE.png for a single image. In a folder, image i of seed S is
-    /// sample_s{S}_{i:06}.png and a rerun of the same command skips the images that exist, so
-    /// an interrupted run resumes (with --rng torch or --noise: sample_00000.png, ... numbered
-    /// after the files already there).
-    #[arg(
-        long,
-        short = 'o',
-        value_name = "DIR|FILE.png",
-        default_value = "samples"
-    )]
-    pub output: PathBuf,
+    /// A folder, or one FILE.png for a single image [default: samples, unless --grid or
+    /// --save-tensor is given: then no PNG files are written besides those]. In a folder, image i
+    /// of seed S is sample_s{S}_{i:06}.png; the folder's ddim-run.json records the settings, and
+    /// a rerun with the same settings skips the images that exist, so an interrupted run resumes
+    /// (with --rng torch or --noise: sample_00000.png, ... numbered after the files already
+    /// there); a rerun with other settings is refused.
+    #[arg(long, short = 'o', value_name = "DIR|FILE.png")]
+    pub output: Option<PathBuf>,
     /// Also write all images as one grid PNG.
     #[arg(long, value_name = "FILE.png")]
     pub grid: Option<PathBuf>,
@@ -93,9 +91,9 @@ pub struct SampleArgs {
     /// Enlarge written images k times (nearest neighbour), for viewing small models' output.
     #[arg(long, default_value_t = 1)]
     pub upscale: u32,
-    /// Sample every image again, replacing files that exist (by default a folder's existing
-    /// images are skipped, or numbered after with --rng torch/--noise); also replace an
-    /// existing FILE.png, --grid or --save-tensor file.
+    /// Replace what exists: a folder's images (all of them, or this shard's with --shard) and
+    /// its ddim-run.json, even when they were made with other settings, so that the folder ends
+    /// as a fresh one would; an existing FILE.png, --grid or --save-tensor file.
     #[arg(long)]
     pub overwrite: bool,
     /// Sample only shard K of N (0 <= K < N): images K*n/N .. (K+1)*n/N - 1, for job arrays
@@ -167,6 +165,29 @@ enum Output {
 }
 
 impl Output {
+    /// Whether `name` is an image file of a sample folder (either naming).
+    fn is_image_name(name: &str) -> bool {
+        let Some(stem) = name
+            .strip_prefix("sample_")
+            .and_then(|n| n.strip_suffix(".png"))
+        else {
+            return false;
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        match stem.strip_prefix('s').and_then(|r| r.split_once('_')) {
+            Some((seed, index)) => digits(seed) && digits(index),
+            None => digits(stem),
+        }
+    }
+
+    /// The folder, unless the output is one file.
+    fn dir(&self) -> Option<&Path> {
+        match self {
+            Output::File(_) => None,
+            Output::Numbered { dir, .. } | Output::Seeded { dir, .. } => Some(dir),
+        }
+    }
+
     fn path(&self, i: usize) -> PathBuf {
         match self {
             Output::File(path) => path.clone(),
@@ -223,15 +244,22 @@ pub fn run(args: SampleArgs) -> Result<()> {
         ))
         .into());
     }
-    let single_file = args
-        .output
-        .extension()
+    // PNG files go where -o says, or to samples/ when no other output was asked for.
+    let output = match (&args.output, &args.grid, &args.save_tensor) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, None, None) => Some(PathBuf::from("samples")),
+        _ => None,
+    };
+    let single_file = output
+        .as_ref()
+        .and_then(|o| o.extension())
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if let Some(shard) = args.shard {
-        check_shard(&args, shard, single_file)?;
+        check_shard(&args, output.as_deref(), shard, single_file)?;
     }
 
     let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
     let shape1 = pipeline::noise_shape(&model.unet, 1)?;
 
     // x_T from a file, if given
@@ -259,10 +287,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (None, Some(n)) => n,
         (None, None) => 1,
     };
-    if single_file && n != 1 {
+    if let (true, Some(file)) = (single_file && n != 1, &output) {
         return Err(UsageError(format!(
             "--output {} names one file but {n} images are asked for: give a folder, or --grid FILE.png",
-            args.output.display()
+            file.display()
         ))
         .into());
     }
@@ -308,72 +336,92 @@ pub fn run(args: SampleArgs) -> Result<()> {
             range.end - 1
         );
     }
-    let out = if single_file {
-        common::refuse_existing(&args.output, args.overwrite)?;
-        Output::File(args.output.clone())
-    } else if args.rng == RngArg::Torch || noise.is_some() {
-        // The name of a --noise image would not say which noise it came from, and torch noise is
-        // drawn for the whole batch: neither can resume per image, so they number after what is
-        // there.
-        let first = if args.overwrite {
-            image_io::ensure_writable_dir(&args.output)?;
-            0
-        } else {
-            image_io::next_free_index(&args.output, "sample", "png")?
-        };
-        Output::Numbered {
-            dir: args.output.clone(),
-            first,
+    let mut out = match output {
+        None => None,
+        Some(file) if single_file => {
+            common::refuse_existing(&file, args.overwrite)?;
+            Some(Output::File(file))
         }
-    } else {
-        image_io::ensure_writable_dir(&args.output)?;
-        Output::Seeded {
-            dir: args.output.clone(),
+        // The name of a --noise image would not say which noise it came from, and torch noise
+        // is drawn for the whole batch: neither can resume per image, so they number after
+        // what is there.
+        Some(dir) if args.rng == RngArg::Torch || noise.is_some() => {
+            Some(Output::Numbered { dir, first: 0 })
+        }
+        Some(dir) => Some(Output::Seeded {
+            dir,
             seed: args.seed,
-        }
+        }),
     };
     for path in [&args.grid, &args.save_tensor].into_iter().flatten() {
         common::refuse_existing(path, args.overwrite)?;
     }
-    let resume = matches!(out, Output::Seeded { .. }) && !args.overwrite;
-    if let Output::Seeded { dir, seed } = &out {
+    // The folder's run record, checked (and written when new) before anything else is.
+    let mut claim = None;
+    if let Some(Output::Numbered { dir, .. } | Output::Seeded { dir, .. }) = &out {
+        let record = record_of(&args, &model, &options, batch)?;
+        let (seed, shard_range) = (args.seed, range.clone());
+        let this_shard = move |name: &str| seeded_index(name, seed, &shard_range).is_some();
+        let removable: &dyn Fn(&str) -> bool = if args.shard.is_some() {
+            &this_shard
+        } else {
+            &Output::is_image_name
+        };
+        claim = Some(crate::run_record::claim_folder(
+            dir,
+            &record,
+            args.overwrite,
+            &Output::is_image_name,
+            removable,
+        )?);
+    }
+    if let Some(Output::Numbered { dir, first }) = &mut out {
+        *first = image_io::next_free_index(dir, "sample", "png")?;
+    }
+    let resume = matches!(out, Some(Output::Seeded { .. })) && claim == Some(Claim::Same);
+    if let Some(Output::Seeded { dir, seed }) = &out {
         remove_leftover_temp_files(dir, *seed, &range)?;
     }
+    let folder = out
+        .as_ref()
+        .and_then(Output::dir)
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
     // Resume: the images that an earlier run of this command finished are skipped.
-    let existing = if resume {
-        range.clone().filter(|&i| is_complete(&out.path(i))).count()
-    } else {
-        0
+    let existing = match (&out, resume) {
+        (Some(out), true) => range.clone().filter(|&i| is_complete(&out.path(i))).count(),
+        _ => 0,
     };
     if existing > 0 {
         if let Some(path) = &args.save_tensor {
             return Err(UsageError(format!(
                 "--save-tensor {}: needs the model-space values of all {} images, but {existing} \
-                 of them exist in {} already and would be skipped; pass --overwrite to sample \
-                 them all again, or leave out --save-tensor",
+                 of them exist in {folder} already and would be skipped; pass --overwrite to \
+                 sample them all again, or leave out --save-tensor",
                 path.display(),
                 range.len(),
-                args.output.display()
             ))
             .into());
         }
         if existing == range.len() {
             eprintln!(
-                "all {existing} images exist in {} already: nothing to sample (--overwrite \
+                "all {existing} images exist in {folder} already: nothing to sample (--overwrite \
                  samples them again)",
-                args.output.display()
             );
         } else {
             eprintln!(
-                "{existing} of the {} images exist in {} already: skipping them, sampling the \
-                 other {} (--overwrite samples all again)",
+                "{existing} of the {} images exist in {folder} already (same settings, see its \
+                 {}): skipping them, sampling the other {} (--overwrite samples all again)",
                 range.len(),
-                args.output.display(),
+                crate::run_record::RECORD_NAME,
                 range.len() - existing
             );
         }
     }
-    let must_write = |i: usize| !resume || !is_complete(&out.path(i));
+    let must_write = |i: usize| match &out {
+        Some(out) if resume => !is_complete(&out.path(i)),
+        _ => true,
+    };
 
     // Exactly n images, in batches aligned to multiples of the batch size: batch k holds images
     // k·B .. min((k+1)·B, n), the last one smaller when B does not divide n. (The official DDIM
@@ -390,8 +438,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .collect();
 
     let hint = match (&out, args.overwrite) {
-        (Output::Seeded { .. }, false) => "; run the same command again to sample the rest",
-        (Output::Seeded { .. }, true) => "; run it again without --overwrite to sample the rest",
+        (Some(Output::Seeded { .. }), false) => "; run the same command again to sample the rest",
+        (Some(Output::Seeded { .. }), true) => {
+            "; run it again without --overwrite to sample the rest"
+        }
         _ => "",
     };
     // Every file is written atomically, so stopping at any moment loses only unfinished work.
@@ -409,6 +459,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let mut tensors = Vec::new();
     let mut torch_gen = (args.rng == RngArg::Torch).then(|| Generator::torch(args.seed));
     let mut written = Vec::new();
+    // The images, when no PNG files are written (for --grid).
+    let mut in_memory = Vec::new();
     let mut sampled = 0;
     for b in planned {
         let own = owned(b);
@@ -436,9 +488,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let images = image_io::to_images(&x0)?;
         for i in todo {
             let img = image_io::upscale_nearest(&images[i - start], args.upscale)?;
-            let path = out.path(i);
-            image_io::save_png(&img, &path)?;
-            written.push(path);
+            match &out {
+                Some(out) => {
+                    let path = out.path(i);
+                    image_io::save_png(&img, &path)?;
+                    written.push(path);
+                }
+                None => in_memory.push(img),
+            }
         }
         if args.save_tensor.is_some() {
             let rows = x0.narrow(0, own.start - start, own.len())?;
@@ -454,10 +511,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     if let Some(path) = &args.grid {
         // From the files, so that images skipped on a resume are in it too.
-        let images: Vec<_> = range
-            .clone()
-            .map(|i| image_io::open_image(&out.path(i)))
-            .collect::<ddim::Result<_>>()?;
+        let images: Vec<_> = match &out {
+            Some(out) => range
+                .clone()
+                .map(|i| image_io::open_image(&out.path(i)))
+                .collect::<ddim::Result<_>>()?,
+            None => std::mem::take(&mut in_memory),
+        };
         image_io::save_png(&image_io::make_grid(&images, None, 2)?, path)?;
         eprintln!("wrote {}", path.display());
     }
@@ -465,8 +525,56 @@ pub fn run(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// The run record of a sample folder: what decides its images. The seed is not in it (it is in
+/// each file's name, and a folder may hold several seeds' images); batch size and device are
+/// notes, since they move only float rounding.
+fn record_of(
+    args: &SampleArgs,
+    model: &Model,
+    options: &SampleOptions,
+    batch: usize,
+) -> Result<RunRecord> {
+    let (sampler, kind) = match options.sampler {
+        Sampler::Ddim => ("ddim", ddim::scheduler::SchedulerKind::Ddim),
+        Sampler::Ddpm => ("ddpm", ddim::scheduler::SchedulerKind::Ddpm),
+    };
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    let rng = match args.rng {
+        RngArg::Default => "default",
+        RngArg::Torch => "torch",
+    };
+    let mut r = RunRecord::new("sample");
+    r.set("model_sha256", model.sha256()?)
+        .set("sampler", sampler)
+        .set_all("scheduler", &model.scheduler_config.to_json(kind))
+        .set("steps", options.num_inference_steps)
+        .set("eta", options.eta)
+        .set(
+            "x_T",
+            if args.noise.is_some() {
+                "--noise file"
+            } else {
+                "drawn"
+            },
+        )
+        .set("rng", rng)
+        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
+        .set("image_shape", shape[1..].to_vec())
+        .set("class_label", args.class_label)
+        .set("upscale", args.upscale);
+    r.note("model", model.source.clone())
+        .note("batch_size", batch)
+        .note("device", format!("{:?}", args.model.device).to_lowercase());
+    Ok(r)
+}
+
 /// Refuses `--shard` where a shard cannot be a share of one run.
-fn check_shard(args: &SampleArgs, shard: Shard, single_file: bool) -> Result<()> {
+fn check_shard(
+    args: &SampleArgs,
+    output: Option<&Path>,
+    shard: Shard,
+    single_file: bool,
+) -> Result<()> {
     let why = if args.rng == RngArg::Torch {
         Some(
             "--rng torch draws the noise of all n images at once, so a shard cannot draw its own \
@@ -479,11 +587,13 @@ fn check_shard(args: &SampleArgs, shard: Shard, single_file: bool) -> Result<()>
              folder, which shards cannot share; split the .npy file and run one command per part",
             noise.display()
         ))
-    } else if single_file {
+    } else if let (true, Some(file)) = (single_file, output) {
         Some(format!(
             "--output {} names one file; shards write into one folder",
-            args.output.display()
+            file.display()
         ))
+    } else if output.is_none() {
+        Some("shards write into one folder: give it with -o DIR".to_string())
     } else if shard.count > 1 {
         [("--grid", &args.grid), ("--save-tensor", &args.save_tensor)]
             .into_iter()

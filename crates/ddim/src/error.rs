@@ -248,6 +248,41 @@ impl WeightProblem {
 /// `Result` with the library's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What kind of failure an [`Error`] is, for a program's exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Caused by what the user gave: an argument, a config, a file, a model folder, a hub id.
+    /// The message names the value and what is allowed.
+    Input,
+    /// A failure of the run itself (a device, a network request, training that diverged), not
+    /// of the input.
+    Failure,
+}
+
+impl Error {
+    /// The kind of failure. Every variant is listed (no catch-all arm), so a new variant must
+    /// say which kind it is before the crate compiles.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidConfig { .. }
+            | Error::InvalidArgument { .. }
+            | Error::Io { .. }
+            | Error::Json { .. }
+            | Error::ModelFileNotFound { .. }
+            | Error::WeightMismatch { .. }
+            | Error::BadWeights { .. }
+            | Error::Npy { .. }
+            | Error::Image { .. }
+            | Error::ModelNotFound { .. }
+            | Error::HubNotCached { .. }
+            | Error::HubRepoLayout { .. } => ErrorKind::Input,
+            Error::Candle(_) | Error::HubRequest { .. } | Error::Diverged { .. } => {
+                ErrorKind::Failure
+            }
+        }
+    }
+}
+
 impl Error {
     /// An [`Error::InvalidConfig`] for `key` = `value`, with what is allowed.
     pub fn config(key: &str, value: impl std::fmt::Display, allowed: impl Into<String>) -> Self {

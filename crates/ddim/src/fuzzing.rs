@@ -70,3 +70,30 @@ pub fn pickle(data: &[u8]) {
 pub fn npy(data: &[u8]) {
     let _ = crate::npy::read_npy_bytes(data, std::path::Path::new("fuzz.npy"));
 }
+
+/// diffusers' JSON (Python's `NaN` / `Infinity` tokens), as configs and run records are read:
+/// [`crate::json::parse`] must agree with a strict parser wherever that one accepts the text,
+/// and what it returns must serialise to strict JSON that parses back to the same value.
+pub fn json(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(value) = crate::json::parse(text) else {
+        return;
+    };
+    if let Ok(strict) = serde_json::from_str::<serde_json::Value>(text) {
+        assert_eq!(strict, value, "strict JSON must parse unchanged");
+    }
+    let mut stack = vec![&value];
+    while let Some(v) = stack.pop() {
+        let _ = crate::json::as_f64(v);
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items),
+            serde_json::Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    let written = serde_json::to_string(&value).expect("a parsed value serialises");
+    let back: serde_json::Value = serde_json::from_str(&written).expect("what we write is JSON");
+    assert_eq!(back, value);
+}

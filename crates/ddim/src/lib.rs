@@ -27,6 +27,7 @@ pub mod eval;
 pub mod fuzzing;
 pub mod hub;
 pub mod image_io;
+pub mod json;
 pub mod loader;
 pub mod npy;
 pub mod ops;
@@ -38,7 +39,7 @@ pub mod scheduler;
 pub mod train;
 pub mod unet;
 
-pub use error::{Error, Result, WeightProblem};
+pub use error::{Error, ErrorKind, Result, WeightProblem};
 
 /// Sets up the CPU thread pools the way the `ddim` binary runs. Call it at the start of `main`,
 /// before any other thread or tensor exists; later calls change nothing.

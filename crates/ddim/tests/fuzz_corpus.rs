@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 /// A target's name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 6] = [
     ("scheduler_config", ddim::fuzzing::scheduler_config),
     ("unet_config", ddim::fuzzing::unet_config),
     ("safetensors", ddim::fuzzing::safetensors),
     ("pickle", ddim::fuzzing::pickle),
     ("npy", ddim::fuzzing::npy),
+    ("json", ddim::fuzzing::json),
 ];
 
 fn fuzz_dir() -> PathBuf {

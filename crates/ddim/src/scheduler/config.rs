@@ -280,7 +280,7 @@ impl SchedulerConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        let value: Value = crate::json::parse(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,
         })?;
@@ -300,7 +300,7 @@ impl SchedulerConfig {
 
     /// Parses a config from JSON text.
     pub fn from_json_str(text: &str) -> Result<LoadedSchedulerConfig> {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
+        let value: Value = crate::json::parse(text).map_err(|e| {
             Error::config(
                 "scheduler_config",
                 "malformed JSON",
@@ -499,8 +499,7 @@ fn short(v: &Value) -> String {
 }
 
 fn get_f64(key: &str, v: &Value) -> Result<f64> {
-    v.as_f64()
-        .ok_or_else(|| Error::config(key, short(v), "a number is expected"))
+    crate::json::as_f64(v).ok_or_else(|| Error::config(key, short(v), "a number is expected"))
 }
 
 fn get_bool(key: &str, v: &Value) -> Result<bool> {

@@ -411,7 +411,7 @@ impl UNet2DConfig {
             path: path.to_path_buf(),
             source,
         };
-        let value: serde_json::Value = serde_json::from_str(json).map_err(json_err)?;
+        let value: serde_json::Value = crate::json::parse(json).map_err(json_err)?;
         let Some(object) = value.as_object() else {
             return Err(Error::config(
                 "config.json",

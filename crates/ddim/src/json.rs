@@ -1,0 +1,113 @@
+//! diffusers' JSON. Python's `json` module writes the non-finite floats as the bare tokens
+//! `NaN`, `Infinity` and `-Infinity` (diffusers saves `"lambda_min_clipped": -Infinity` in every
+//! `DPMSolverMultistepScheduler` config), which strict JSON parsers reject. [`parse`] reads
+//! them; what we write stays strict JSON (a non-finite value is never written as a number).
+
+use serde_json::Value;
+
+/// The three tokens, as [`parse`] keeps them: strings of these names.
+pub const NON_FINITE: [(&str, f64); 3] = [
+    ("NaN", f64::NAN),
+    ("Infinity", f64::INFINITY),
+    ("-Infinity", f64::NEG_INFINITY),
+];
+
+/// Parses JSON text that may hold Python's `NaN`, `Infinity` and `-Infinity` outside strings.
+/// Each such token becomes the JSON string of its name (`"-Infinity"`), which [`as_f64`]
+/// reads back as the float; everything else parses as `serde_json` parses it.
+pub fn parse(text: &str) -> serde_json::Result<Value> {
+    serde_json::from_str(&quote_non_finite(text))
+}
+
+/// A number, or one of the strings [`parse`] makes of the non-finite tokens.
+pub fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::String(s) => NON_FINITE
+            .iter()
+            .find(|(name, _)| name == s)
+            .map(|&(_, x)| x),
+        other => other.as_f64(),
+    }
+}
+
+/// `text` with every bare `NaN`, `Infinity` or `-Infinity` outside strings quoted.
+fn quote_non_finite(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len() + 8);
+    let (mut i, mut copied) = (0, 0);
+    let mut in_string = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1, // skip the escaped character
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        let token = NON_FINITE
+            .iter()
+            .map(|(name, _)| *name)
+            .find(|name| bytes[i..].starts_with(name.as_bytes()));
+        match token {
+            Some(name) => {
+                out.push_str(&text[copied..i]);
+                out.push('"');
+                out.push_str(name);
+                out.push('"');
+                i += name.len();
+                copied = i;
+            }
+            None => i += 1,
+        }
+    }
+    out.push_str(&text[copied.min(text.len())..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_tokens_parse_and_strings_are_untouched() {
+        let v = parse(
+            r#"{"a": -Infinity, "b": [NaN, Infinity, 1.5], "c": "NaN -Infinity \"Infinity\"", "d": null}"#,
+        )
+        .unwrap();
+        assert_eq!(as_f64(&v["a"]), Some(f64::NEG_INFINITY));
+        assert!(as_f64(&v["b"][0]).unwrap().is_nan());
+        assert_eq!(as_f64(&v["b"][1]), Some(f64::INFINITY));
+        assert_eq!(as_f64(&v["b"][2]), Some(1.5));
+        assert_eq!(v["c"], r#"NaN -Infinity "Infinity""#);
+        assert_eq!(as_f64(&v["c"]), None);
+        assert_eq!(as_f64(&v["d"]), None);
+    }
+
+    #[test]
+    fn strict_json_is_unchanged_and_bad_json_still_fails() {
+        let text = r#"{"x": [1, 2e-3, "é\\\"", true], "y": {"z": -0.5}}"#;
+        assert_eq!(
+            parse(text).unwrap(),
+            serde_json::from_str::<Value>(text).unwrap()
+        );
+        for bad in [
+            "{",
+            "{\"a\": Infinityx}",
+            "{\"a\": -}",
+            "{\"a\": \"\\",
+            "NaNa",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        // Multi-byte text around tokens stays intact.
+        assert_eq!(parse("[\"ü\", NaN]").unwrap()[0], "ü");
+    }
+}
