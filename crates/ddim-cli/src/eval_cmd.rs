@@ -19,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::plot::{self, LineChart, Series};
+use crate::run_record::{read_record, write_record, RunRecord, RECORD_NAME};
 use crate::UsageError;
 
 #[derive(Args, Debug)]
@@ -63,36 +64,34 @@ pub struct EvalArgs {
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
     /// Continue the run in --output: the cells already in its metrics.csv are kept, not
-    /// sampled again, and new --steps or --eta values add cells. The model, --data, -n, --seed,
-    /// --k and --dtype must be those of the run (they are kept in eval_settings.json).
+    /// sampled again, and new --steps or --eta values add cells. The model, its scheduler
+    /// config, --data, -n, --seed, --k and --dtype must be those of the run (its ddim-run.json
+    /// keeps them).
     #[arg(long)]
     pub resume: bool,
 }
 
-/// What makes the cells of two runs comparable; kept in `eval_settings.json` for `--resume`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Settings {
-    model: String,
-    data: String,
-    num_samples: usize,
-    seed: u64,
-    k: usize,
-    dtype: String,
+/// What makes the cells of two runs comparable, for `--resume`: the run record of the folder.
+fn record_of(args: &EvalArgs, model: &common::Model) -> Result<RunRecord> {
+    let mut r = RunRecord::new("eval");
+    r.set("model_sha256", model.sha256()?)
+        .set_all(
+            "scheduler",
+            &model
+                .scheduler_config
+                .to_json(ddim::scheduler::SchedulerKind::Ddim),
+        )
+        .set("data", args.data.clone())
+        .set("num_samples", args.num_samples)
+        .set("seed", args.seed)
+        .set("k", args.k)
+        .set("dtype", args.compute.dtype.dtype().as_str());
+    r.note("model", model.source.clone());
+    Ok(r)
 }
 
-impl Settings {
-    /// Each setting as the option that sets it and its value.
-    fn fields(&self) -> [(&'static str, String); 6] {
-        [
-            ("model", self.model.clone()),
-            ("--data", self.data.clone()),
-            ("--num-samples", self.num_samples.to_string()),
-            ("--seed", self.seed.to_string()),
-            ("--k", self.k.to_string()),
-            ("--dtype", self.dtype.clone()),
-        ]
-    }
-}
+/// The settings file of runs made before the run record (ddim 0.1 before the record).
+const LEGACY_SETTINGS: &str = "eval_settings.json";
 
 /// One metric: its CSV column, its title, and how it reads a cell's scores.
 struct Metric {
@@ -187,18 +186,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let real = open_real(&args.data, channels, height)?;
     let csv_path = args.output.join("metrics.csv");
     let png_path = args.output.join("metrics.png");
-    let settings_path = args.output.join("eval_settings.json");
-    let settings = Settings {
-        model: model.source.clone(),
-        data: args.data.clone(),
-        num_samples: args.num_samples,
-        seed: args.seed,
-        k: args.k,
-        dtype: args.compute.dtype.dtype().as_str().to_string(),
-    };
+    let record_path = args.output.join(RECORD_NAME);
+    let legacy_path = args.output.join(LEGACY_SETTINGS);
+    let record = record_of(&args, &model)?;
     image_io::ensure_writable_dir(&args.output)?;
     let mut cells: Vec<Cell> = if args.resume {
-        let done = read_run(&settings_path, &csv_path, &settings)?;
+        let done = read_run(&args.output, &csv_path, &record, args.num_samples)?;
         eprintln!(
             "resuming {}: {} finished cell(s) kept",
             args.output.display(),
@@ -206,14 +199,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
         done
     } else {
-        for path in [&csv_path, &png_path, &settings_path] {
+        for path in [&csv_path, &png_path, &record_path, &legacy_path] {
             common::refuse_existing(path, args.overwrite)?;
+        }
+        if legacy_path.exists() {
+            std::fs::remove_file(&legacy_path)
+                .with_context(|| format!("removing {} (--overwrite)", legacy_path.display()))?;
         }
         Vec::new()
     };
-    let json = serde_json::to_string_pretty(&settings)?;
-    ddim::npy::write_atomically(&settings_path, |w| w.write_all(json.as_bytes()))
-        .with_context(|| format!("writing {}", settings_path.display()))?;
+    write_record(&record_path, &record)
+        .with_context(|| format!("writing {}", record_path.display()))?;
 
     eprintln!(
         "real: {} ({} images of {channels}×{height}×{width}); computing its statistics",
@@ -544,31 +540,30 @@ fn csv_text(cells: &[Cell], n: usize) -> String {
     text
 }
 
-/// The finished cells of the run in `--output`, after checking that its settings are `now`'s.
-fn read_run(settings_path: &Path, csv_path: &Path, now: &Settings) -> Result<Vec<Cell>> {
-    let text = std::fs::read_to_string(settings_path).map_err(|e| {
-        usage(format!(
-            "--resume: cannot read {} ({e}); it is written by ddim eval at the start of a run, \
-             so this folder holds no run to continue (drop --resume to start one)",
-            settings_path.display()
-        ))
-    })?;
-    let then: Settings = serde_json::from_str(&text).map_err(|e| {
-        usage(format!(
-            "--resume: {} is not a ddim eval settings file: {e}",
-            settings_path.display()
-        ))
-    })?;
-    if let Some(((what, a), (_, b))) = then
-        .fields()
-        .into_iter()
-        .zip(now.fields())
-        .find(|((_, a), (_, b))| a != b)
-    {
+/// The finished cells of the run in `dir`, after checking that its settings are `now`'s.
+fn read_run(dir: &Path, csv_path: &Path, now: &RunRecord, n: usize) -> Result<Vec<Cell>> {
+    let Some(then) = read_record(&dir.join(RECORD_NAME))? else {
+        let why = if dir.join(LEGACY_SETTINGS).exists() {
+            format!(
+                "it was made before ddim recorded every setting of a run ({LEGACY_SETTINGS} \
+                 lacks the model's hash and scheduler config), so its cells cannot be matched \
+                 to this run's; use another --output, or --overwrite instead of --resume"
+            )
+        } else {
+            format!(
+                "it holds no {RECORD_NAME}, which ddim eval writes at the start of a run, so \
+                 there is no run to continue (drop --resume to start one)"
+            )
+        };
+        return Err(usage(format!("--resume: {}: {why}", dir.display())));
+    };
+    let differences = then.differences(now);
+    if !differences.is_empty() {
         return Err(usage(format!(
-            "--resume: the run in {} used {what} {a}, this command {b}; cells of different \
-             settings are not comparable (use another --output, or the same {what})",
-            settings_path.parent().unwrap_or(Path::new(".")).display()
+            "--resume: the run in {} used other settings:\n  {}\ncells of different settings \
+             are not comparable (use another --output, or the run's settings)",
+            dir.display(),
+            differences.join("\n  ")
         )));
     }
     if !csv_path.exists() {
@@ -576,7 +571,7 @@ fn read_run(settings_path: &Path, csv_path: &Path, now: &Settings) -> Result<Vec
     }
     let text = std::fs::read_to_string(csv_path)
         .with_context(|| format!("reading {}", csv_path.display()))?;
-    parse_csv(&text, now.num_samples).map_err(|e| {
+    parse_csv(&text, n).map_err(|e| {
         usage(format!(
             "--resume: {}: {e} (it should be the metrics.csv ddim eval wrote)",
             csv_path.display()

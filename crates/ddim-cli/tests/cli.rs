@@ -1384,7 +1384,7 @@ fn eval_on_a_builtin_set_reports_the_classifier_metrics() {
     let o = eval(&["--steps", "5", "-n", "11", "--resume"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("--num-samples 10, this command 11"),
+        stderr(&o).contains("num_samples: 10 in the folder, 11 now"),
         "{}",
         stderr(&o)
     );
