@@ -101,7 +101,7 @@ struct Metric {
     get: fn(&Scores) -> Option<f64>,
 }
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 7] = [
     Metric {
         column: "fd_pixels",
         title: "FD in pixel space (lower is better)",
@@ -137,6 +137,12 @@ const METRICS: [Metric; 6] = [
         title: "share of the most common predicted class (0.1 = balanced)",
         digits: 3,
         get: |s| s.top_class_share,
+    },
+    Metric {
+        column: "classifier_score",
+        title: "classifier score, exp E KL(p(y|x) || p(y)) (higher is better; real data's above)",
+        digits: 3,
+        get: |s| s.class_score,
     },
 ];
 
@@ -223,9 +229,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     match evaluator.classifier_accuracy() {
         Some(acc) => eprintln!(
-            "classifier: the shipped {} classifier, {:.2}% accurate on the held-out real images",
+            "classifier: the shipped {} classifier, {:.2}% accurate on the held-out real images; \
+             the real images' classifier score is {:.3}",
             real.source,
-            100.0 * acc
+            100.0 * acc,
+            evaluator.real_class_score().unwrap_or(f64::NAN)
         ),
         None => eprintln!(
             "note: the feature metrics (FD in classifier features, precision, recall, predicted \
@@ -626,6 +634,7 @@ fn parse_csv(text: &str, n: usize) -> std::result::Result<Vec<Cell>, String> {
             recall: m(3)?,
             class_entropy: m(4)?,
             top_class_share: m(5)?,
+            class_score: m(6)?,
         };
         let seconds = number(seconds_at, "sampling_seconds")?.unwrap_or(0.0);
         cells.push(Cell {
@@ -685,6 +694,7 @@ mod tests {
             recall: None,
             class_entropy: None,
             top_class_share: None,
+            class_score: None,
         }
     }
 
@@ -698,6 +708,7 @@ mod tests {
         full.recall = Some(0.8);
         full.class_entropy = Some(3.2);
         full.top_class_share = Some(0.165);
+        full.class_score = Some(8.765_432_1);
         let cells = vec![
             Cell {
                 eta: 0.2,

@@ -102,6 +102,16 @@ impl DigitClassifier {
     /// Features (n × 128, row after row) and predicted classes of the `n` images given one
     /// after the other in `pixels`, in batches of 256.
     pub fn features_and_classes(&self, pixels: &[f32]) -> Result<(Vec<f32>, Vec<u8>)> {
+        let (features, classes, _) = self.features_classes_and_probabilities(pixels)?;
+        Ok((features, classes))
+    }
+
+    /// [`DigitClassifier::features_and_classes`], and the class probabilities (softmax of the
+    /// logits; n × 10, row after row).
+    pub fn features_classes_and_probabilities(
+        &self,
+        pixels: &[f32],
+    ) -> Result<(Vec<f32>, Vec<u8>, Vec<f32>)> {
         let size = self.image_size;
         let per = size * size;
         if !pixels.len().is_multiple_of(per) {
@@ -113,15 +123,19 @@ impl DigitClassifier {
         }
         let mut features = Vec::with_capacity(pixels.len() / per * FEATURE_DIM);
         let mut classes = Vec::with_capacity(pixels.len() / per);
+        let mut probabilities = Vec::with_capacity(pixels.len() / per * 10);
         for chunk in pixels.chunks(256 * per) {
             let b = chunk.len() / per;
             let x = Tensor::from_slice(chunk, (b, 1, size, size), &Device::Cpu)?;
             let f = self.features(&x)?;
-            let predicted = self.logits(&f)?.argmax(1)?.to_vec1::<u32>()?;
+            let logits = self.logits(&f)?;
+            let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            probabilities.extend(p.flatten_all()?.to_vec1::<f32>()?);
             features.extend(f.flatten_all()?.to_vec1::<f32>()?);
             classes.extend(predicted.into_iter().map(|c| c as u8));
         }
-        Ok((features, classes))
+        Ok((features, classes, probabilities))
     }
 }
 

@@ -45,6 +45,10 @@ pub struct Scores {
     pub class_entropy: Option<f64>,
     /// The share of samples in the most common predicted class (0.1 when balanced).
     pub top_class_share: Option<f64>,
+    /// The classifier score `exp(E_x KL(p(y|x) || p(y)))` (the Inception Score's formula,
+    /// Salimans et al. 2016, with the shipped digit classifier): high when each sample is
+    /// clearly one digit and all digits occur; at most 10.
+    pub class_score: Option<f64>,
 }
 
 /// A real set's statistics, computed once, to score many sets of generated images against.
@@ -63,6 +67,8 @@ struct FeatureReference {
     /// random subset of n for precision/recall against n generated images.
     shuffled: Vec<f32>,
     held_out_accuracy: Option<f64>,
+    /// The classifier score of the real images.
+    real_score: f64,
 }
 
 /// A permutation seed for the real subset of precision/recall; fixed so runs are comparable.
@@ -85,7 +91,9 @@ impl Evaluator {
                     && real.channels == 1
                     && real.labels.is_some() =>
             {
-                let (feats, classes) = c.model.features_and_classes(&real.data)?;
+                let (feats, classes, probs) =
+                    c.model.features_classes_and_probabilities(&real.data)?;
+                let real_score = class_score(&probs, 10);
                 let held_out_accuracy = match &real.labels {
                     Some(labels) => {
                         let (held, _) = classifier::split(real.len, c.info.seed);
@@ -110,6 +118,7 @@ impl Evaluator {
                     stats,
                     shuffled,
                     held_out_accuracy,
+                    real_score,
                 })
             }
             _ => None,
@@ -126,6 +135,11 @@ impl Evaluator {
     /// Whether the feature metrics are computed (a built-in set with its classifier).
     pub fn has_features(&self) -> bool {
         self.features.is_some()
+    }
+
+    /// The classifier score ([`Scores::class_score`]) of the real images.
+    pub fn real_class_score(&self) -> Option<f64> {
+        self.features.as_ref().map(|f| f.real_score)
     }
 
     /// The classifier's accuracy on the held-out real images it was not trained on.
@@ -167,10 +181,15 @@ impl Evaluator {
             recall: None,
             class_entropy: None,
             top_class_share: None,
+            class_score: None,
         };
         if let Some(f) = &self.features {
             let d = classifier::FEATURE_DIM;
-            let (feats, classes) = f.classifier.model.features_and_classes(&quantised)?;
+            let (feats, classes, probs) = f
+                .classifier
+                .model
+                .features_classes_and_probabilities(&quantised)?;
+            scores.class_score = Some(class_score(&probs, 10));
             scores.fd_features = Some(f.stats.distance(&GaussianStats::from_rows(&feats, d)?)?);
             let m = n.min(f.shuffled.len() / d);
             let pr = precision_recall(&f.shuffled[..m * d], &feats, d, self.k)?;
@@ -192,6 +211,33 @@ fn quantise(x: f32) -> Option<f32> {
     }
     let p = ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even();
     Some(p / 127.5 - 1.0)
+}
+
+/// `exp(mean_i KL(p_i || p̄))` of `n` probability rows of `k` classes, `p̄` their mean: the
+/// Inception Score's formula (Salimans et al. 2016, arXiv:1606.03498). 1 when every row is the
+/// same; `k` when every row is certain and the classes are equally common.
+pub fn class_score(probabilities: &[f32], k: usize) -> f64 {
+    let n = probabilities.len() / k.max(1);
+    if n == 0 {
+        return f64::NAN;
+    }
+    let rows = || probabilities.chunks_exact(k);
+    let mut mean = vec![0f64; k];
+    for row in rows() {
+        for (m, &p) in mean.iter_mut().zip(row) {
+            *m += f64::from(p) / n as f64;
+        }
+    }
+    let kl: f64 = rows()
+        .map(|row| {
+            row.iter()
+                .zip(&mean)
+                .filter(|(&p, _)| p > 0.0)
+                .map(|(&p, &m)| f64::from(p) * (f64::from(p).ln() - m.ln()))
+                .sum::<f64>()
+        })
+        .sum();
+    (kl / n as f64).exp()
 }
 
 /// Entropy in bits of the class histogram, and the share of its largest class.
@@ -225,6 +271,20 @@ fn permuted(rng: &mut ChaCha8Rng, n: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_score_is_k_for_certain_balanced_rows_and_1_for_equal_rows() {
+        let mut certain = vec![0f32; 40];
+        for (i, row) in certain.chunks_exact_mut(4).enumerate() {
+            row[i % 4] = 1.0;
+        }
+        // 10 rows over 4 classes, 3/3/2/2: exp(H(p̄)) = exp of the histogram's entropy
+        let h: f64 = [0.3f64, 0.3, 0.2, 0.2].iter().map(|p| -p * p.ln()).sum();
+        assert!((class_score(&certain, 4) - h.exp()).abs() < 1e-9);
+        let same = [0.1f32, 0.2, 0.3, 0.4].repeat(5);
+        assert!((class_score(&same, 4) - 1.0).abs() < 1e-6);
+        assert!(class_score(&[], 4).is_nan());
+    }
     use crate::train::Fit;
 
     #[test]
