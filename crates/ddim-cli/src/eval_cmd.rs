@@ -571,7 +571,11 @@ fn read_run(dir: &Path, csv_path: &Path, now: &RunRecord, n: usize) -> Result<Ve
             "--resume: the run in {} used other settings:\n  {}\ncells of different settings \
              are not comparable (use another --output, or the run's settings)",
             dir.display(),
-            differences.join("\n  ")
+            differences
+                .iter()
+                .map(|d| d.describe("in the folder"))
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )));
     }
     if !csv_path.exists() {

@@ -9,7 +9,8 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ComputeArgs, ModelArgs};
+use crate::common::{self, ComputeArgs, Model, ModelArgs};
+use crate::run_record::{self, RunRecord};
 use crate::sample_cmd::RngArg;
 use crate::UsageError;
 
@@ -46,7 +47,9 @@ pub struct InterpolateArgs {
     /// Overrides the scheduler config's timestep_spacing.
     #[arg(long, value_name = "SPACING")]
     pub timestep_spacing: Option<String>,
-    /// Overwrite an existing output file.
+    /// Replace an existing output file, whatever made it. Without it, a rerun with the same
+    /// settings (recorded in FILE.ddim-run.json beside the output) finds nothing to do, and one
+    /// with other settings is refused.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -81,7 +84,6 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         ))
         .into());
     }
-    common::refuse_existing(&args.output, args.overwrite)?;
     let spacing = args
         .timestep_spacing
         .as_deref()
@@ -89,6 +91,11 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         .transpose()?;
     let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
+    let record = record_of(&args, &model, gif)?;
+    if run_record::check_files(&[&args.output], &record, args.overwrite)?[0] {
+        run_record::report_nothing_to_do(&[&args.output]);
+        return Ok(());
+    }
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let end = |seed| match args.rng {
         RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),
@@ -128,12 +135,47 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    if gif {
-        image_io::save_gif(&frames, &args.output, args.frame_ms, true)?;
-    } else {
-        let grid = image_io::make_grid(&frames, Some(frames.len()), 2)?;
-        image_io::save_png(&grid, &args.output)?;
-    }
+    run_record::write_file_with_record(&args.output, &record, || {
+        if gif {
+            image_io::save_gif(&frames, &args.output, args.frame_ms, true)?;
+        } else {
+            let grid = image_io::make_grid(&frames, Some(frames.len()), 2)?;
+            image_io::save_png(&grid, &args.output)?;
+        }
+        Ok(())
+    })?;
     eprintln!("wrote {} ({} frames)", args.output.display(), frames.len());
     Ok(())
+}
+
+/// The record of an interpolation: what decides its frames (DDIM at η = 0 draws no noise beyond
+/// the two ends').
+fn record_of(args: &InterpolateArgs, model: &Model, gif: bool) -> Result<RunRecord> {
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    let rng = match args.rng {
+        RngArg::Default => "default",
+        RngArg::Torch => "torch",
+    };
+    let mut r = RunRecord::new("interpolate");
+    r.set("model_sha256", model.sha256()?)
+        .set_all(
+            "scheduler",
+            &model
+                .scheduler_config
+                .to_json(ddim::scheduler::SchedulerKind::Ddim),
+        )
+        .set("steps", args.steps)
+        .set("seed_a", args.seed_a)
+        .set("seed_b", args.seed_b)
+        .set("frames", args.frames)
+        .set("rng", rng)
+        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
+        .set("image_shape", shape[1..].to_vec())
+        .set("upscale", args.upscale);
+    if gif {
+        r.set("frame_ms", args.frame_ms);
+    }
+    r.note("model", model.source.clone())
+        .note("device", format!("{:?}", args.model.device).to_lowercase());
+    Ok(r)
 }

@@ -10,7 +10,8 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
-use crate::common::{self, ComputeArgs, ModelArgs};
+use crate::common::{self, ComputeArgs, Model, ModelArgs};
+use crate::run_record::{self, RunRecord};
 
 #[derive(Args, Debug)]
 pub struct InvertArgs {
@@ -37,7 +38,9 @@ pub struct InvertArgs {
     /// The class, for class-conditional models.
     #[arg(long)]
     pub class_label: Option<u32>,
-    /// Overwrite existing output files.
+    /// Replace existing output files, whatever made them. Without it, a rerun with the same
+    /// settings (recorded in FILE.ddim-run.json beside each output) finds nothing to do, and one
+    /// with other settings is refused.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -48,14 +51,19 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .as_deref()
         .map(TimestepSpacing::from_name)
         .transpose()?;
-    for path in [Some(&args.save_tensor), args.reconstruct.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        common::refuse_existing(path, args.overwrite)?;
-    }
     let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
+    let outputs: Vec<&std::path::Path> = [Some(&args.save_tensor), args.reconstruct.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    let record = record_of(&args, &model)?;
+    let done = run_record::check_files(&outputs, &record, args.overwrite)?;
+    if done.iter().all(|&d| d) {
+        run_record::report_nothing_to_do(&outputs);
+        return Ok(());
+    }
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let is_npy = args
         .input
@@ -91,10 +99,14 @@ pub fn run(args: InvertArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    ddim::npy::write_npy_tensor(&args.save_tensor, &x_t)?;
-    eprintln!("wrote {} ({:?})", args.save_tensor.display(), x_t.dims());
+    if !done[0] {
+        run_record::write_file_with_record(&args.save_tensor, &record, || {
+            Ok(ddim::npy::write_npy_tensor(&args.save_tensor, &x_t)?)
+        })?;
+        eprintln!("wrote {} ({:?})", args.save_tensor.display(), x_t.dims());
+    }
 
-    if let Some(out) = &args.reconstruct {
+    if let Some(out) = args.reconstruct.as_ref().filter(|_| !done[1]) {
         let bar = common::progress(args.steps as u64, args.model.quiet, "reconstructing");
         let options = SampleOptions {
             num_inference_steps: args.steps,
@@ -116,7 +128,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         )?;
         bar.finish_and_clear();
         if let Some(img) = image_io::to_images(&x)?.first() {
-            image_io::save_png(img, out)?;
+            run_record::write_file_with_record(out, &record, || Ok(image_io::save_png(img, out)?))?;
         }
         // Errors on the [0, 1] image scale, as diffusers' output.
         let to01 = |t: &Tensor| -> Result<Tensor> {
@@ -140,4 +152,31 @@ pub fn run(args: InvertArgs) -> Result<()> {
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// The record of an inversion: what decides x_T and its reconstruction. DDIM inversion is
+/// deterministic (no η, no noise); the input is identified by its bytes.
+fn record_of(args: &InvertArgs, model: &Model) -> Result<RunRecord> {
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    let mut r = RunRecord::new("invert");
+    // The DDIM config's keys include the inverse scheduler's, so one set covers both ways.
+    r.set("model_sha256", model.sha256()?)
+        .set_all(
+            "scheduler",
+            &model
+                .scheduler_config
+                .to_json(ddim::scheduler::SchedulerKind::Ddim),
+        )
+        .set("steps", args.steps)
+        .set(
+            "input_sha256",
+            run_record::sha256_files(std::slice::from_ref(&args.input))?,
+        )
+        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
+        .set("image_shape", shape[1..].to_vec())
+        .set("class_label", args.class_label);
+    r.note("model", model.source.clone())
+        .note("input", args.input.display().to_string())
+        .note("device", format!("{:?}", args.model.device).to_lowercase());
+    Ok(r)
 }

@@ -1,131 +1,22 @@
-//! The run record: `ddim-run.json` in every output folder, written atomically before the
-//! first image, naming everything that determines the folder's images (the model's hash, the
-//! sampler and its effective config, steps, η, noise, dtype, image size, ...). A later run into
-//! the folder compares its own record with it: the same settings resume (or add images), other
-//! settings are refused with every difference named, so a folder never mixes images of two
-//! settings without the user asking for it (`--overwrite`).
+//! Where run records live and what a rerun does with them. A sample or eval folder holds
+//! `ddim-run.json`, written atomically before the first image; a single output file (an `invert`
+//! tensor, an `interpolate` GIF, a `--grid`) has `FILE.ddim-run.json` beside it, written after
+//! the file. A later run compares its own record ([`ddim::run_record::RunRecord`]) with it: the
+//! same settings resume (or find nothing to do), other settings are refused with every difference
+//! named, so no output ever mixes or hides the images of other settings without the user asking
+//! for it (`--overwrite`).
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+pub use ddim::run_record::RunRecord;
 use sha2::{Digest, Sha256};
 
 use crate::UsageError;
 
 /// The record's file name in an output folder.
 pub const RECORD_NAME: &str = "ddim-run.json";
-const FORMAT: &str = "ddim-run-v1";
-
-/// What made (or will make) a folder's images.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RunRecord {
-    /// The command: `sample`, `invert`, `interpolate` or `eval`.
-    pub command: String,
-    /// Everything that determines the images; compared key by key.
-    pub settings: BTreeMap<String, Value>,
-    /// Kept for the reader, not compared: the tool version, where the model was read from, the
-    /// batch size and device (which move only float rounding).
-    pub notes: BTreeMap<String, Value>,
-}
-
-impl RunRecord {
-    /// A record of `command` with no settings yet; the tool version goes in the notes.
-    pub fn new(command: &str) -> Self {
-        let mut notes = BTreeMap::new();
-        notes.insert(
-            "ddim_version".into(),
-            Value::from(env!("CARGO_PKG_VERSION")),
-        );
-        RunRecord {
-            command: command.into(),
-            settings: BTreeMap::new(),
-            notes,
-        }
-    }
-
-    /// Adds a compared setting.
-    pub fn set(&mut self, key: &str, value: impl Into<Value>) -> &mut Self {
-        self.settings.insert(key.into(), value.into());
-        self
-    }
-
-    /// Adds a note (not compared).
-    pub fn note(&mut self, key: &str, value: impl Into<Value>) -> &mut Self {
-        self.notes.insert(key.into(), value.into());
-        self
-    }
-
-    /// Adds every key of a JSON object as the setting `{prefix}.{key}`, so that a difference
-    /// names the key that differs (not `_diffusers_version`, which says only who wrote it).
-    pub fn set_all(&mut self, prefix: &str, object: &Value) -> &mut Self {
-        if let Some(map) = object.as_object() {
-            for (k, v) in map.iter().filter(|(k, _)| *k != "_diffusers_version") {
-                self.settings.insert(format!("{prefix}.{k}"), v.clone());
-            }
-        }
-        self
-    }
-
-    pub fn to_json(&self) -> Value {
-        json!({
-            "format": FORMAT,
-            "command": self.command,
-            "settings": self.settings,
-            "notes": self.notes,
-        })
-    }
-
-    /// Reads what [`RunRecord::to_json`] wrote; the error says what is wrong.
-    pub fn from_json(value: &Value) -> std::result::Result<Self, String> {
-        if value.get("format").and_then(Value::as_str) != Some(FORMAT) {
-            return Err(format!("its \"format\" is not \"{FORMAT}\""));
-        }
-        let command = value
-            .get("command")
-            .and_then(Value::as_str)
-            .ok_or("it has no \"command\"")?
-            .to_string();
-        let map = |key: &str| -> std::result::Result<BTreeMap<String, Value>, String> {
-            match value.get(key) {
-                Some(Value::Object(m)) => {
-                    Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                }
-                None => Ok(BTreeMap::new()),
-                Some(_) => Err(format!("its \"{key}\" is not an object")),
-            }
-        };
-        Ok(RunRecord {
-            command,
-            settings: map("settings")?,
-            notes: map("notes")?,
-        })
-    }
-
-    /// Every setting in which `self` (the folder's) and `now` differ, as
-    /// `"key: A in the folder, B now"`, the command first.
-    pub fn differences(&self, now: &RunRecord) -> Vec<String> {
-        let show = |v: Option<&Value>| v.map_or_else(|| "(not set)".to_string(), Value::to_string);
-        let mut out = Vec::new();
-        if self.command != now.command {
-            out.push(format!(
-                "command: {} in the folder, {} now",
-                self.command, now.command
-            ));
-        }
-        let keys: std::collections::BTreeSet<&String> =
-            self.settings.keys().chain(now.settings.keys()).collect();
-        for key in keys {
-            let (a, b) = (self.settings.get(key), now.settings.get(key));
-            if a != b {
-                out.push(format!("{key}: {} in the folder, {} now", show(a), show(b)));
-            }
-        }
-        out
-    }
-}
 
 /// What [`claim_folder`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +64,11 @@ pub fn claim_folder(
             "{} holds images made with other settings ({} records them):\n  {}\n",
             dir.display(),
             path.display(),
-            old.differences(record).join("\n  ")
+            old.differences(record)
+                .iter()
+                .map(|d| d.describe("in the folder"))
+                .collect::<Vec<_>>()
+                .join("\n  ")
         ),
         None if ours.is_empty() => {
             ddim::image_io::ensure_writable_dir(dir)?;
@@ -193,6 +88,101 @@ pub fn claim_folder(
          run's, or write to another folder."
     ))
     .into())
+}
+
+/// The record beside a single output file: `FILE.ddim-run.json`.
+pub fn record_path_of(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(RECORD_NAME);
+    file.with_file_name(name)
+}
+
+/// Whether each of a run's output files is to be made (`false`) or exists already with a record
+/// equal to `record` (`true`: this run would write the same file). Checks only: nothing is
+/// written. A file that exists with a record of other settings, or with none, is refused (exit
+/// 2) unless `overwrite`, and the message names every such file and every setting that differs
+/// with both values.
+pub fn check_files(files: &[&Path], record: &RunRecord, overwrite: bool) -> Result<Vec<bool>> {
+    let mut done = Vec::new();
+    let mut problems = Vec::new();
+    for &file in files {
+        if overwrite || !file.exists() {
+            done.push(false);
+            continue;
+        }
+        let path = record_path_of(file);
+        match read_record(&path)? {
+            Some(old) => {
+                let differences = old.differences(record);
+                if differences.is_empty() {
+                    done.push(true);
+                    continue;
+                }
+                problems.push(format!(
+                    "{} exists and was made with other settings ({} records them):\n  {}",
+                    file.display(),
+                    path.display(),
+                    differences
+                        .iter()
+                        .map(|d| d.describe("in the file"))
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ));
+            }
+            None => problems.push(format!(
+                "{} exists and has no {}: it was not made by a run of ddim that recorded its \
+                 settings, so whether it matches this run's is unknown",
+                file.display(),
+                path.display()
+            )),
+        }
+        done.push(false);
+    }
+    if problems.is_empty() {
+        return Ok(done);
+    }
+    Err(UsageError(format!(
+        "{}\nNothing was changed. Pass --overwrite to replace {}, or write to another file.",
+        problems.join("\n"),
+        if problems.len() == 1 { "it" } else { "them" }
+    ))
+    .into())
+}
+
+/// Writes an output file and then its record: the old record goes first, so that a run stopped
+/// part way leaves a file without a record (which a rerun refuses), never a record that
+/// vouches for a file of other settings. `write` must write `file` atomically.
+pub fn write_file_with_record(
+    file: &Path,
+    record: &RunRecord,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let path = record_path_of(file);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ddim::Error::io(&path, e).into()),
+    }
+    write()?;
+    write_record(&path, record)
+}
+
+/// Says that every output exists with this run's settings already (exit 0, nothing written).
+pub fn report_nothing_to_do(files: &[&Path]) {
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    eprintln!(
+        "{} exist{} already, made with the same settings (see {}): nothing to do (--overwrite \
+         makes {} again)",
+        names.join(", "),
+        if files.len() == 1 { "s" } else { "" },
+        files
+            .iter()
+            .map(|f| record_path_of(f).display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if files.len() == 1 { "it" } else { "them" }
+    );
 }
 
 /// The record in `path`, if there is one; a record that cannot be read is an error that says so.
@@ -265,35 +255,6 @@ pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(steps: u64) -> RunRecord {
-        let mut r = RunRecord::new("sample");
-        r.set("steps", steps).set("eta", 0.0);
-        r
-    }
-
-    #[test]
-    fn differences_name_both_values() {
-        let (a, mut b) = (record(5), record(50));
-        b.set("dtype", "f16");
-        b.note("batch_size", 7);
-        let d = a.differences(&b);
-        assert_eq!(
-            d,
-            vec![
-                "dtype: (not set) in the folder, \"f16\" now".to_string(),
-                "steps: 5 in the folder, 50 now".to_string()
-            ]
-        );
-        assert!(a.differences(&record(5)).is_empty());
-        let back = RunRecord::from_json(&b.to_json()).unwrap();
-        assert_eq!(back, b);
-        assert!(RunRecord::from_json(&json!({"format": "x"})).is_err());
-        assert!(
-            RunRecord::from_json(&json!({"format": FORMAT, "command": "s", "settings": 1}))
-                .is_err()
-        );
-    }
 
     #[test]
     fn hash_separates_parts_and_files_hash_as_bytes() {

@@ -93,7 +93,9 @@ pub struct SampleArgs {
     pub upscale: u32,
     /// Replace what exists: a folder's images (all of them, or this shard's with --shard) and
     /// its ddim-run.json, even when they were made with other settings, so that the folder ends
-    /// as a fresh one would; an existing FILE.png, --grid or --save-tensor file.
+    /// as a fresh one would; an existing FILE.png, --grid or --save-tensor file (each has its
+    /// settings in FILE.ddim-run.json beside it: without --overwrite, one made with the same
+    /// settings is kept, and one made with other settings is refused).
     #[arg(long)]
     pub overwrite: bool,
     /// Sample only shard K of N (0 <= K < N): images K*n/N .. (K+1)*n/N - 1, for job arrays
@@ -338,10 +340,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let mut out = match output {
         None => None,
-        Some(file) if single_file => {
-            common::refuse_existing(&file, args.overwrite)?;
-            Some(Output::File(file))
-        }
+        Some(file) if single_file => Some(Output::File(file)),
         // The name of a --noise image would not say which noise it came from, and torch noise
         // is drawn for the whole batch: neither can resume per image, so they number after
         // what is there.
@@ -353,8 +352,31 @@ pub fn run(args: SampleArgs) -> Result<()> {
             seed: args.seed,
         }),
     };
-    for path in [&args.grid, &args.save_tensor].into_iter().flatten() {
-        common::refuse_existing(path, args.overwrite)?;
+    // Single output files (-o FILE.png, --grid, --save-tensor) each have their record beside
+    // them; one made with this run's settings already is not made again.
+    let file_record = file_record_of(&args, &model, &options, batch, n)?;
+    let single = match &out {
+        Some(Output::File(file)) => Some(file.clone()),
+        _ => None,
+    };
+    let files: Vec<&Path> = [&single, &args.grid, &args.save_tensor]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    let done = crate::run_record::check_files(&files, &file_record, args.overwrite)?;
+    let is_todo = |p: &Option<PathBuf>| -> Option<PathBuf> {
+        let p = p.as_ref()?;
+        let i = files.iter().position(|f| *f == p.as_path())?;
+        (!done[i]).then(|| p.clone())
+    };
+    let (grid, save_tensor) = (is_todo(&args.grid), is_todo(&args.save_tensor));
+    if single.is_some() && is_todo(&single).is_none() {
+        out = None; // the one image exists; sampled again only for --grid or --save-tensor
+    }
+    if out.is_none() && done.iter().all(|&d| d) {
+        crate::run_record::report_nothing_to_do(&files);
+        return Ok(());
     }
     // The folder's run record, checked (and written when new) before anything else is.
     let mut claim = None;
@@ -393,7 +415,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         _ => 0,
     };
     if existing > 0 {
-        if let Some(path) = &args.save_tensor {
+        if let Some(path) = &save_tensor {
             return Err(UsageError(format!(
                 "--save-tensor {}: needs the model-space values of all {} images, but {existing} \
                  of them exist in {folder} already and would be skipped; pass --overwrite to \
@@ -434,7 +456,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let owned =
         |b: usize| (b * batch).max(range.start)..(b + 1).saturating_mul(batch).min(range.end);
     let planned: Vec<usize> = (range.start / batch..range.end.div_ceil(batch))
-        .filter(|&b| args.save_tensor.is_some() || owned(b).any(&must_write))
+        .filter(|&b| save_tensor.is_some() || owned(b).any(&must_write))
         .collect();
 
     let hint = match (&out, args.overwrite) {
@@ -466,7 +488,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         let own = owned(b);
         // Checked again now: another process (a duplicate shard) may have written some.
         let todo: Vec<usize> = own.clone().filter(|&i| must_write(i)).collect();
-        if todo.is_empty() && args.save_tensor.is_none() {
+        if todo.is_empty() && save_tensor.is_none() {
             bar.inc(steps as u64);
             continue;
         }
@@ -489,6 +511,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         for i in todo {
             let img = image_io::upscale_nearest(&images[i - start], args.upscale)?;
             match &out {
+                Some(Output::File(path)) => {
+                    crate::run_record::write_file_with_record(path, &file_record, || {
+                        Ok(image_io::save_png(&img, path)?)
+                    })?;
+                    written.push(path.clone());
+                }
                 Some(out) => {
                     let path = out.path(i);
                     image_io::save_png(&img, &path)?;
@@ -497,19 +525,21 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 None => in_memory.push(img),
             }
         }
-        if args.save_tensor.is_some() {
+        if save_tensor.is_some() {
             let rows = x0.narrow(0, own.start - start, own.len())?;
             tensors.push(rows.to_device(&candle_core::Device::Cpu)?);
         }
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(path) = &args.save_tensor {
+    if let Some(path) = &save_tensor {
         let all = Tensor::cat(&tensors, 0)?;
-        ddim::npy::write_npy_tensor(path, &all)?;
+        crate::run_record::write_file_with_record(path, &file_record, || {
+            Ok(ddim::npy::write_npy_tensor(path, &all)?)
+        })?;
         eprintln!("wrote {} ({:?}, model space)", path.display(), all.dims());
     }
-    if let Some(path) = &args.grid {
+    if let Some(path) = &grid {
         // From the files, so that images skipped on a resume are in it too.
         let images: Vec<_> = match &out {
             Some(out) => range
@@ -518,7 +548,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
                 .collect::<ddim::Result<_>>()?,
             None => std::mem::take(&mut in_memory),
         };
-        image_io::save_png(&image_io::make_grid(&images, None, 2)?, path)?;
+        let grid_image = image_io::make_grid(&images, None, 2)?;
+        crate::run_record::write_file_with_record(path, &file_record, || {
+            Ok(image_io::save_png(&grid_image, path)?)
+        })?;
         eprintln!("wrote {}", path.display());
     }
     report(&written, sampled, steps, seconds);
@@ -565,6 +598,28 @@ fn record_of(
     r.note("model", model.source.clone())
         .note("batch_size", batch)
         .note("device", format!("{:?}", args.model.device).to_lowercase());
+    Ok(r)
+}
+
+/// The run record of a single output file (-o FILE.png, --grid, --save-tensor): the folder's
+/// settings, and what a folder keeps in its file names: the seed, the number of images and the
+/// --noise file's bytes.
+fn file_record_of(
+    args: &SampleArgs,
+    model: &Model,
+    options: &SampleOptions,
+    batch: usize,
+    n: usize,
+) -> Result<RunRecord> {
+    let mut r = record_of(args, model, options, batch)?;
+    r.set("num_images", n);
+    match &args.noise {
+        Some(path) => r.set(
+            "noise_sha256",
+            crate::run_record::sha256_files(std::slice::from_ref(path))?,
+        ),
+        None => r.set("seed", args.seed),
+    };
     Ok(r)
 }
 

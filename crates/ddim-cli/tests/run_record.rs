@@ -287,3 +287,246 @@ fn a_scheduler_ddim_does_not_implement_is_refused_and_python_json_parses() {
         &["--model", model.to_str().unwrap()],
     ));
 }
+
+/// `ddim <args> -q` run in `cwd`, where `{dir}` in `args` stands for `dir`, with `extra`'s flags
+/// in place of the same flags of `args` (or added); `--model` is the tiny model unless `extra`
+/// holds `--builtin` (which stands for no --model).
+fn ddim_in(cwd: &Path, dir: &Path, args: &[&str], extra: &[&str]) -> Output {
+    let mut all: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("{dir}", dir.to_str().unwrap()))
+        .collect();
+    all.push("-q".into());
+    if !extra.contains(&"--builtin") {
+        all.push("--model".into());
+        all.push(tiny_model().to_str().unwrap().into());
+    }
+    let mut rest = extra.iter();
+    while let Some(&flag) = rest.next() {
+        match flag {
+            "--builtin" => {}
+            "--overwrite" => all.push(flag.into()),
+            _ => {
+                let value = rest.next().expect("a value for each flag").to_string();
+                match all.iter().position(|a| a == flag) {
+                    Some(i) => all[i + 1] = value,
+                    None => all.extend([flag.to_string(), value]),
+                }
+            }
+        }
+    }
+    Command::new(env!("CARGO_BIN_EXE_ddim"))
+        .current_dir(cwd)
+        .args(all)
+        .output()
+        .expect("running ddim")
+}
+
+/// A command whose outputs are single files in `{dir}`, run with each of `cases` (extra flags
+/// and what the refusal must say) after a run without: each is refused with exit 2 naming the
+/// difference and touching nothing; a rerun of the first run finds nothing to do and touches
+/// nothing; `--overwrite` with the case's flags leaves what a fresh run into an empty folder
+/// does, byte for byte (records included).
+fn file_outputs_know_their_settings(args: &[&str], cases: &[(&[&str], &[&str])]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let make = |name: &str, extra: &[&str]| -> PathBuf {
+        let dir = cwd.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        ok(&ddim_in(cwd, &dir, args, extra));
+        dir
+    };
+    let dir = make("first", &[]);
+    let before = snapshot(&dir);
+    let records = before
+        .keys()
+        .filter(|p| p.to_string_lossy().ends_with(".ddim-run.json"))
+        .count();
+    assert!(
+        records > 0 && records * 2 == before.len(),
+        "{:?}",
+        before.keys()
+    );
+    let o = ddim_in(cwd, &dir, args, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains("nothing to do"), "{}", stderr(&o));
+    assert_eq!(snapshot(&dir), before);
+    for (i, (extra, needles)) in cases.iter().enumerate() {
+        let o = ddim_in(cwd, &dir, args, extra);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?} {extra:?}: {e}");
+        for needle in *needles {
+            assert!(e.contains(needle), "{args:?} {extra:?}: {e}");
+        }
+        assert!(
+            e.contains("--overwrite") && e.contains("another file"),
+            "{e}"
+        );
+        assert_eq!(snapshot(&dir), before, "{extra:?} changed the files");
+        // --overwrite gives what a fresh run gives
+        let reused = make(&format!("reused{i}"), &[]);
+        ok(&ddim_in(
+            cwd,
+            &reused,
+            args,
+            &[*extra, &["--overwrite"][..]].concat(),
+        ));
+        let fresh = make(&format!("fresh{i}"), extra);
+        assert_eq!(snapshot(&reused), snapshot(&fresh), "{extra:?}");
+    }
+    // A file that exists without a record is refused, not guessed about.
+    let bare = make("bare", &[]);
+    let record = std::fs::read_dir(&bare)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".ddim-run.json"))
+        .unwrap();
+    std::fs::remove_file(&record).unwrap();
+    let kept = snapshot(&bare);
+    let o = ddim_in(cwd, &bare, args, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has no"), "{}", stderr(&o));
+    assert_eq!(snapshot(&bare), kept);
+}
+
+/// The cases every command shares: other steps, model, scheduler config, spacing and dtype.
+fn common_cases(other_scheduler: &str) -> Vec<(Vec<String>, Vec<String>)> {
+    vec![
+        (
+            vec!["--steps".into(), "4".into()],
+            vec!["steps: 3 in the file, 4 now".into()],
+        ),
+        (
+            vec!["--builtin".into()],
+            vec!["model_sha256: ".into(), "image_shape: ".into()],
+        ),
+        (
+            vec!["--scheduler-config".into(), other_scheduler.into()],
+            vec!["scheduler.beta_end: ".into()],
+        ),
+        (
+            vec!["--timestep-spacing".into(), "trailing".into()],
+            vec!["scheduler.timestep_spacing: \"leading\" in the file, \"trailing\" now".into()],
+        ),
+        (
+            vec!["--dtype".into(), "f16".into()],
+            vec!["dtype: \"f32\" in the file, \"f16\" now".into()],
+        ),
+    ]
+}
+
+/// Runs [`file_outputs_know_their_settings`] with the common cases and `more`.
+fn check_command(args: &[&str], more: &[(&[&str], &[&str])]) {
+    let tmp = tempfile::tempdir().unwrap();
+    // the tiny model's scheduler with another beta_end
+    let text =
+        std::fs::read_to_string(tiny_model().join("scheduler/scheduler_config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["beta_end"] = serde_json::json!(0.03);
+    let other = tmp.path().join("other_scheduler.json");
+    std::fs::write(&other, config.to_string()).unwrap();
+    let common = common_cases(other.to_str().unwrap());
+    let owned: Vec<(Vec<&str>, Vec<&str>)> = common
+        .iter()
+        .map(|(f, n)| {
+            (
+                f.iter().map(String::as_str).collect(),
+                n.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let mut cases: Vec<(&[&str], &[&str])> = owned
+        .iter()
+        .map(|(f, n)| (f.as_slice(), n.as_slice()))
+        .collect();
+    cases.extend_from_slice(more);
+    file_outputs_know_their_settings(args, &cases);
+}
+
+#[test]
+fn invert_outputs_know_their_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, other) = (tmp.path().join("in.png"), tmp.path().join("other.png"));
+    ok(&sample(tmp.path(), Some(&input), &["-n", "1"]));
+    ok(&sample(
+        tmp.path(),
+        Some(&other),
+        &["-n", "1", "--seed", "9"],
+    ));
+    let input = input.to_str().unwrap();
+    let args = [
+        "invert",
+        "--steps",
+        "3",
+        "-i",
+        input,
+        "--save-tensor",
+        "{dir}/x_T.npy",
+        "--reconstruct",
+        "{dir}/back.png",
+    ];
+    // η does not apply: inversion is deterministic (DDIM at η = 0 both ways).
+    check_command(
+        &args,
+        &[(&["-i", other.to_str().unwrap()], &["input_sha256: "])],
+    );
+}
+
+#[test]
+fn interpolate_outputs_know_their_settings() {
+    for output in ["{dir}/walk.gif", "{dir}/walk.png"] {
+        let args = [
+            "interpolate",
+            "--steps",
+            "3",
+            "--seed-a",
+            "0",
+            "--seed-b",
+            "1",
+            "--frames",
+            "3",
+            "-o",
+            output,
+        ];
+        // η does not apply: interpolation samples with DDIM at η = 0.
+        check_command(
+            &args,
+            &[
+                (&["--frames", "4"], &["frames: 3 in the file, 4 now"]),
+                (&["--seed-b", "2"], &["seed_b: 1 in the file, 2 now"]),
+            ],
+        );
+    }
+}
+
+#[test]
+fn sample_files_know_their_settings() {
+    let args = [
+        "sample",
+        "--steps",
+        "3",
+        "-n",
+        "2",
+        "--grid",
+        "{dir}/grid.png",
+        "--save-tensor",
+        "{dir}/x0.npy",
+    ];
+    check_command(
+        &args,
+        &[
+            (&["--eta", "1"], &["eta: 0.0 in the file, 1.0 now"]),
+            (
+                &["--scheduler", "ddpm"],
+                &["sampler: \"ddim\" in the file, \"ddpm\" now"],
+            ),
+            (&["--seed", "3"], &["seed: 0 in the file, 3 now"]),
+            (&["-n", "3"], &["num_images: 2 in the file, 3 now"]),
+        ],
+    );
+    // -o FILE.png, one image
+    check_command(
+        &["sample", "--steps", "3", "-o", "{dir}/one.png"],
+        &[(&["--eta", "1"], &["eta: 0.0 in the file, 1.0 now"])],
+    );
+}

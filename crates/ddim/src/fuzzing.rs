@@ -96,4 +96,12 @@ pub fn json(data: &[u8]) {
     let written = serde_json::to_string(&value).expect("a parsed value serialises");
     let back: serde_json::Value = serde_json::from_str(&written).expect("what we write is JSON");
     assert_eq!(back, value);
+    // As a run record (the CLI reads `ddim-run.json` files with this parser): one that reads
+    // writes back to itself and differs from itself in nothing.
+    if let Ok(record) = crate::run_record::RunRecord::from_json(&value) {
+        assert!(record.differences(&record).is_empty());
+        let again = crate::run_record::RunRecord::from_json(&record.to_json())
+            .expect("a written record reads");
+        assert_eq!(again, record);
+    }
 }

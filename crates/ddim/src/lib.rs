@@ -34,6 +34,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod pth;
 pub mod rng;
+pub mod run_record;
 pub mod schedule;
 pub mod scheduler;
 pub mod train;
