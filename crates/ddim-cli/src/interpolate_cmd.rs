@@ -117,14 +117,14 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
     for c in 0..chunks {
         let start = c * batch;
         let b = batch.min(args.frames - start);
-        // eta = 0 draws no noise; the generator is never used.
-        let mut unused = Generator::per_image(0, 0, b);
-        let x = pipeline::sample(
+        // DDIM at η = 0 draws no noise: no generator.
+        let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
+        let x = pipeline::denoise(
             &model.unet,
-            &model.scheduler_config,
-            &options,
+            scheduler.as_mut(),
             z.narrow(0, start, b)?,
-            &mut unused,
+            None,
+            None,
             &mut |_| {
                 bar.inc(1);
                 Ok(())

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use ddim::image_io;
-use ddim::pipeline::{self, Generator, SampleOptions};
+use ddim::pipeline::{self, SampleOptions};
 use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ComputeArgs, Model, ModelArgs};
@@ -110,17 +110,16 @@ pub fn run(args: InvertArgs) -> Result<()> {
         let bar = common::progress(args.steps as u64, args.model.quiet, "reconstructing");
         let options = SampleOptions {
             num_inference_steps: args.steps,
-            class_labels: labels,
             ..Default::default()
         };
-        // eta = 0 draws no noise; the generator is never used.
-        let mut unused = Generator::per_image(0, 0, x_t.dim(0)?);
-        let x = pipeline::sample(
+        // DDIM at η = 0 draws no noise: no generator.
+        let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
+        let x = pipeline::denoise(
             &model.unet,
-            &model.scheduler_config,
-            &options,
+            scheduler.as_mut(),
             x_t,
-            &mut unused,
+            labels.as_ref(),
+            None,
             &mut |_| {
                 bar.inc(1);
                 Ok(())

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ddim::rng::TorchGenerator;
-use ddim::scheduler::{DDIMScheduler, DDPMScheduler, SchedulerConfig};
+use ddim::scheduler::{DDIMScheduler, DDPMScheduler, DdimStepOptions, SchedulerConfig};
 
 fn randn(seed: u64, dims: &[usize]) -> Tensor {
     let n = dims.iter().product();
@@ -25,10 +25,16 @@ fn bench_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("scheduler_step");
     g.sample_size(30);
     g.bench_function("ddim_eta0/16x3x256x256/f32/cpu", |b| {
-        b.iter(|| ddim.step(&eps, t, &x, 0.0, false, None).unwrap())
+        b.iter(|| {
+            ddim.step(&eps, t, &x, &DdimStepOptions::with_eta(0.0), None)
+                .unwrap()
+        })
     });
     g.bench_function("ddim_eta1/16x3x256x256/f32/cpu", |b| {
-        b.iter(|| ddim.step(&eps, t, &x, 1.0, false, Some(&z)).unwrap())
+        b.iter(|| {
+            ddim.step(&eps, t, &x, &DdimStepOptions::with_eta(1.0), Some(&z))
+                .unwrap()
+        })
     });
     g.bench_function("ddpm_fixed_small/16x3x256x256/f32/cpu", |b| {
         b.iter(|| ddpm.step(&eps, t, &x, Some(&z)).unwrap())
@@ -49,7 +55,10 @@ fn bench_step(c: &mut Criterion) {
         .transpose(2, 3)
         .unwrap();
     g.bench_function("ddim_eta0_candle_ops/16x3x256x256/f32/cpu", |b| {
-        b.iter(|| ddim.step(&es, t, &xs, 0.0, false, None).unwrap())
+        b.iter(|| {
+            ddim.step(&es, t, &xs, &DdimStepOptions::with_eta(0.0), None)
+                .unwrap()
+        })
     });
     g.finish();
 }

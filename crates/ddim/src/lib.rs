@@ -8,14 +8,14 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use ddim::scheduler::{DDIMScheduler, SchedulerConfig};
+//! use ddim::scheduler::{DDIMScheduler, DdimStepOptions, SchedulerConfig};
 //!
 //! let mut scheduler = DDIMScheduler::new(&SchedulerConfig::default())?;
 //! scheduler.set_timesteps(10)?;
 //! let mut x = Tensor::ones((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu)?;
 //! for &t in scheduler.timesteps() {
 //!     let eps = (&x * 0.1)?; // a stand-in for the model's ε̂(x_t, t)
-//!     x = scheduler.step(&eps, t, &x, 0.0, false, None)?.prev_sample;
+//!     x = scheduler.step(&eps, t, &x, &DdimStepOptions::with_eta(0.0), None)?.prev_sample;
 //! }
 //! assert_eq!(x.dims(), &[1, 3, 8, 8]);
 //! # Ok::<(), ddim::Error>(())

@@ -1,13 +1,15 @@
-//! The sampling loop, the only place where the model and the scheduler meet (DDIM eq. 12):
-//! `for t in timesteps { ε̂ = unet(x_t, t); x_t = scheduler.step(ε̂, t, x_t) }`, as diffusers'
-//! `DDIMPipeline` / `DDPMPipeline` run it; DDIM inversion (x_0 -> x_T) and spherical
-//! interpolation between two x_T (DDIM paper, Sec. 5.3).
+//! The sampling loop ([`denoise`]), the only place where the model and a scheduler meet (DDIM
+//! eq. 12): `for t in timesteps { ε̂ = unet(x_t, t); x_t = scheduler.step(ε̂, t, x_t) }`, as
+//! diffusers' `DDIMPipeline` / `DDPMPipeline` run it. Sampling, DDIM inversion (x_0 -> x_T) and
+//! every sampler behind [`Scheduler`] run this one loop; spherical interpolation between two x_T
+//! (DDIM paper, Sec. 5.3) feeds it.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::rng::{ImageStream, TorchGenerator};
 use crate::scheduler::{
-    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, SchedulerConfig, StepOutput,
+    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DdimSampler, DdimStepOptions, Scheduler,
+    SchedulerConfig, StepOutput,
 };
 use crate::unet::UNet2DModel;
 use crate::{Error, Result};
@@ -186,6 +188,31 @@ pub fn noise_shape(unet: &UNet2DModel, batch: usize) -> Result<[usize; 4]> {
     Ok([batch, c.in_channels, h, w])
 }
 
+/// The sampler `options` choose, its timesteps set: DDIM with their η, or DDPM.
+pub fn scheduler_for(
+    scheduler_config: &SchedulerConfig,
+    options: &SampleOptions,
+) -> Result<Box<dyn Scheduler>> {
+    Ok(match options.sampler {
+        Sampler::Ddim => {
+            let mut scheduler = DDIMScheduler::new(scheduler_config)?;
+            scheduler.set_timesteps(options.num_inference_steps)?;
+            Box::new(DdimSampler {
+                scheduler,
+                options: DdimStepOptions {
+                    eta: options.eta,
+                    use_clipped_model_output: options.use_clipped_model_output,
+                },
+            })
+        }
+        Sampler::Ddpm => {
+            let mut scheduler = DDPMScheduler::new(scheduler_config)?;
+            scheduler.set_timesteps(options.num_inference_steps)?;
+            Box::new(scheduler)
+        }
+    })
+}
+
 /// Samples from x_T: DDIM (`eta` per step) or DDPM, drawing every later noise from
 /// `generator` in diffusers' order (DDIM: one draw per step when eta > 0; DDPM: one per step
 /// with t > 0). Returns x_0 in model space ([-1, 1], unclipped, float32).
@@ -197,50 +224,63 @@ pub fn sample(
     generator: &mut Generator,
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
-    let channels = x_t.dim(1)?;
+    let mut scheduler = scheduler_for(scheduler_config, options)?;
     let labels = options.class_labels.as_ref();
-    let mut x = x_t.to_dtype(DType::F32)?;
+    denoise(
+        unet,
+        scheduler.as_mut(),
+        x_t,
+        labels,
+        Some(generator),
+        callback,
+    )
+}
+
+/// The sampling loop, the one every sampler and inversion run (DDIM eq. 12 for DDIM):
+///
+/// ```text
+/// x = x_start · init_noise_sigma
+/// for i, t in timesteps: out = unet(scale_model_input(x, i), t); x = step(out, i, x, z_i)
+/// ```
+///
+/// where z_i is drawn from `generator` for the steps that take noise, in diffusers' order. The
+/// callback sees every step (the progress bar, trajectories and previews are callbacks).
+pub fn denoise(
+    unet: &UNet2DModel,
+    scheduler: &mut dyn Scheduler,
+    x_start: Tensor,
+    class_labels: Option<&Tensor>,
+    mut generator: Option<&mut Generator>,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
+    let channels = x_start.dim(1)?;
+    let mut x = x_start.to_dtype(DType::F32)?;
+    let sigma = scheduler.init_noise_sigma();
+    if sigma != 1.0 {
+        x = x.affine(sigma, 0.0)?;
+    }
     prepare(unet, &x);
-    match options.sampler {
-        Sampler::Ddim => {
-            let mut s = DDIMScheduler::new(scheduler_config)?;
-            s.set_timesteps(options.num_inference_steps)?;
-            let ts = s.timesteps().to_vec();
-            for (index, &t) in ts.iter().enumerate() {
-                let out = keep_channels(model_output(unet, &x, t, labels)?, channels)?;
-                let z = if options.eta > 0.0 {
-                    Some(generator.randn(x.dims(), x.device())?)
-                } else {
-                    None
-                };
-                let step = s.step(
-                    &out,
-                    t,
-                    &x,
-                    options.eta,
-                    options.use_clipped_model_output,
-                    z.as_ref(),
-                )?;
-                callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
-                x = step.prev_sample;
-            }
+    let timesteps = scheduler.timesteps().to_vec();
+    for (index, &t) in timesteps.iter().enumerate() {
+        let input = scheduler.scale_model_input(&x, index)?;
+        let mut out = model_output(unet, &input, t, class_labels)?;
+        if !scheduler.uses_model_variance() {
+            out = keep_channels(out, channels)?;
         }
-        Sampler::Ddpm => {
-            let mut s = DDPMScheduler::new(scheduler_config)?;
-            s.set_timesteps(options.num_inference_steps)?;
-            let ts = s.timesteps().to_vec();
-            for (index, &t) in ts.iter().enumerate() {
-                let out = model_output(unet, &x, t, labels)?;
-                let z = if t > 0 {
-                    Some(generator.randn(x.dims(), x.device())?)
-                } else {
-                    None
-                };
-                let step = s.step(&out, t, &x, z.as_ref())?;
-                callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
-                x = step.prev_sample;
+        let z = match (scheduler.needs_noise(index), generator.as_deref_mut()) {
+            (false, _) => None,
+            (true, Some(g)) => Some(g.randn(x.dims(), x.device())?),
+            (true, None) => {
+                return Err(Error::argument(
+                    "generator",
+                    "None",
+                    format!("step {index} (t = {t}) adds noise: give a generator"),
+                ))
             }
-        }
+        };
+        let step = scheduler.step(&out, index, &x, z.as_ref())?;
+        callback(&StepInfo::after(index, timesteps.len(), t, &x, &step))?;
+        x = step.prev_sample;
     }
     Ok(x)
 }
@@ -264,19 +304,16 @@ pub fn invert(
     class_labels: Option<&Tensor>,
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
-    let channels = x0.dim(1)?;
-    let mut s = DDIMInverseScheduler::new(scheduler_config)?;
-    s.set_timesteps(num_inference_steps)?;
-    let ts = s.timesteps().to_vec();
-    let mut x = x0.to_dtype(DType::F32)?;
-    prepare(unet, &x);
-    for (index, &t) in ts.iter().enumerate() {
-        let out = keep_channels(model_output(unet, &x, t, class_labels)?, channels)?;
-        let step = s.step(&out, t, &x)?;
-        callback(&StepInfo::after(index, ts.len(), t, &x, &step))?;
-        x = step.prev_sample;
-    }
-    Ok(x)
+    let mut scheduler = DDIMInverseScheduler::new(scheduler_config)?;
+    scheduler.set_timesteps(num_inference_steps)?;
+    denoise(
+        unet,
+        &mut scheduler,
+        x0.clone(),
+        class_labels,
+        None,
+        callback,
+    )
 }
 
 /// Spherical interpolation between two noise tensors of the same shape (DDIM paper, Sec. 5.3,

@@ -165,3 +165,93 @@ fn interpolation_keeps_the_ends_and_the_norm() {
     assert!(nm > 0.95 * na.min(nb), "{nm} vs {na}, {nb}");
     assert!(interpolation_noise(&a, &b, 1).is_err());
 }
+
+/// The one loop's contract with a scheduler: a step that adds noise without a generator is an
+/// error naming the step; a deterministic run needs none and calls the scheduler once per
+/// timestep with the indices in order.
+#[test]
+fn the_loop_drives_any_scheduler_by_index() {
+    use ddim::pipeline::denoise;
+    use ddim::scheduler::{DDIMScheduler, DdimSampler, DdimStepOptions, Scheduler, StepOutput};
+
+    let model = Path::new(fixture_dir()).join("tiny-ddpm");
+    let unet = load_unet(&model, DType::F32, &Device::Cpu).unwrap();
+    let config = SchedulerConfig::from_file(unet.scheduler_config().unwrap())
+        .unwrap()
+        .config;
+    let x_t = Generator::per_image(1, 0, 1)
+        .randn(&noise_shape(&unet.model, 1).unwrap(), &Device::Cpu)
+        .unwrap();
+    let mut ddim = DDIMScheduler::new(&config).unwrap();
+    ddim.set_timesteps(4).unwrap();
+    let mut noisy = DdimSampler {
+        scheduler: ddim.clone(),
+        options: DdimStepOptions::with_eta(1.0),
+    };
+    let err = denoise(
+        &unet.model,
+        &mut noisy,
+        x_t.clone(),
+        None,
+        None,
+        &mut no_callback,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("generator") && err.contains("step 0"), "{err}");
+
+    /// DDIM at η = 0, recording the indices it is stepped with.
+    struct Recording(DdimSampler, Vec<usize>);
+    impl Scheduler for Recording {
+        fn timesteps(&self) -> &[usize] {
+            self.0.timesteps()
+        }
+        fn needs_noise(&self, index: usize) -> bool {
+            self.0.needs_noise(index)
+        }
+        fn step(
+            &mut self,
+            out: &Tensor,
+            index: usize,
+            x: &Tensor,
+            noise: Option<&Tensor>,
+        ) -> ddim::Result<StepOutput> {
+            self.1.push(index);
+            self.0.step(out, index, x, noise)
+        }
+    }
+    let mut recording = Recording(
+        DdimSampler {
+            scheduler: ddim.clone(),
+            options: DdimStepOptions::default(),
+        },
+        Vec::new(),
+    );
+    let a = denoise(
+        &unet.model,
+        &mut recording,
+        x_t.clone(),
+        None,
+        None,
+        &mut no_callback,
+    )
+    .unwrap();
+    assert_eq!(recording.1, [0, 1, 2, 3]);
+    // the same as sample() with DDIM options
+    let b = sample(
+        &unet.model,
+        &config,
+        &SampleOptions {
+            num_inference_steps: 4,
+            ..Default::default()
+        },
+        x_t,
+        &mut Generator::per_image(0, 0, 1),
+        &mut no_callback,
+    )
+    .unwrap();
+    assert_eq!(
+        max_abs_diff(&a, &b.flatten_all().unwrap().to_vec1().unwrap()),
+        0.0
+    );
+}

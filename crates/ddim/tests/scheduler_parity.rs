@@ -6,7 +6,8 @@
 use candle_core::{Device, Tensor};
 use ddim::rng::TorchGenerator;
 use ddim::scheduler::{
-    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, SchedulerConfig, TimestepSpacing,
+    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DdimStepOptions, SchedulerConfig,
+    TimestepSpacing,
 };
 use serde_json::Value;
 
@@ -143,7 +144,16 @@ fn full_loops_match_diffusers() {
                     let out = dummy_model(&x, t);
                     let z = (eta > 0.0).then(|| noise(&mut g, &x));
                     x = s
-                        .step(&out, t, &x, eta, clipped, z.as_ref())
+                        .step(
+                            &out,
+                            t,
+                            &x,
+                            &DdimStepOptions {
+                                eta,
+                                use_clipped_model_output: clipped,
+                            },
+                            z.as_ref(),
+                        )
                         .unwrap()
                         .prev_sample;
                 }
@@ -259,7 +269,10 @@ fn ddim_full_loop(cfg: &SchedulerConfig) -> Tensor {
     let mut x = dummy_sample(4, 3, 8, 8, 1.0);
     for &t in s.timesteps() {
         let out = dummy_model(&x, t);
-        x = s.step(&out, t, &x, 0.0, false, None).unwrap().prev_sample;
+        x = s
+            .step(&out, t, &x, &DdimStepOptions::with_eta(0.0), None)
+            .unwrap()
+            .prev_sample;
     }
     x
 }

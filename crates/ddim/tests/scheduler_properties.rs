@@ -3,8 +3,8 @@
 use candle_core::{DType, Device, Tensor};
 use ddim::rng::TorchGenerator;
 use ddim::scheduler::{
-    spaced_timesteps, DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, PredictionType,
-    SchedulerConfig, SchedulerKind, TimestepSpacing, VarianceType,
+    spaced_timesteps, DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DdimStepOptions,
+    PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing, VarianceType,
 };
 
 fn randn(seed: u64, dims: &[usize]) -> Tensor {
@@ -64,7 +64,7 @@ fn ddim_eta_one_step_equals_ddpm_step_with_same_noise() {
     let z = randn(3, &[2, 3, 8, 8]);
     for &t in &ddim.timesteps()[..19] {
         let a = ddim
-            .step(&eps, t, &x, 1.0, false, Some(&z))
+            .step(&eps, t, &x, &DdimStepOptions::with_eta(1.0), Some(&z))
             .unwrap()
             .prev_sample;
         let b = ddpm.step(&eps, t, &x, Some(&z)).unwrap().prev_sample;
@@ -99,8 +99,7 @@ fn add_noise_then_x0_formula_recovers_x0() {
                     &target.narrow(0, i, 1).unwrap(),
                     t,
                     &xt.narrow(0, i, 1).unwrap(),
-                    0.0,
-                    false,
+                    &DdimStepOptions::with_eta(0.0),
                     None,
                 )
                 .unwrap();
@@ -137,7 +136,10 @@ fn inverting_a_forward_pass_with_known_epsilon_returns_the_start() {
         };
         let mut x = x_t.clone();
         for &t in fwd.timesteps() {
-            x = fwd.step(&eps, t, &x, 0.0, false, None).unwrap().prev_sample;
+            x = fwd
+                .step(&eps, t, &x, &DdimStepOptions::with_eta(0.0), None)
+                .unwrap()
+                .prev_sample;
         }
         for &t in inv.timesteps() {
             x = inv.step(&eps, t, &x).unwrap().prev_sample;
@@ -210,24 +212,24 @@ fn bad_step_counts_and_eta_are_refused() {
     let x = randn(1, &[1, 3, 4, 4]);
     for eta in [-1.0, f64::NAN, f64::INFINITY] {
         let err = s
-            .step(&x, 900, &x, eta, false, Some(&x))
+            .step(&x, 900, &x, &DdimStepOptions::with_eta(eta), Some(&x))
             .unwrap_err()
             .to_string();
         assert!(err.contains("eta"), "{err}");
     }
     let err = s
-        .step(&x, 900, &x, 0.5, false, None)
+        .step(&x, 900, &x, &DdimStepOptions::with_eta(0.5), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("variance_noise"), "{err}");
     let err = s
-        .step(&x, 900, &x, 3.0, false, Some(&x))
+        .step(&x, 900, &x, &DdimStepOptions::with_eta(3.0), Some(&x))
         .unwrap_err()
         .to_string();
     assert!(err.contains("too large"), "{err}");
     let wrong = randn(1, &[1, 3, 4, 5]);
     let err = s
-        .step(&wrong, 900, &x, 0.0, false, None)
+        .step(&wrong, 900, &x, &DdimStepOptions::with_eta(0.0), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("shape"), "{err}");
@@ -312,19 +314,23 @@ fn zero_terminal_snr_with_epsilon_is_refused_at_t_max() {
     assert_eq!(s.timesteps()[0], 999);
     let x = randn(1, &[1, 3, 4, 4]);
     let err = s
-        .step(&x, 999, &x, 0.0, false, None)
+        .step(&x, 999, &x, &DdimStepOptions::with_eta(0.0), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("zero terminal SNR"), "{err}");
     // later steps are fine, and v_prediction works at t = T
-    assert!(s.step(&x, 899, &x, 0.0, false, None).is_ok());
+    assert!(s
+        .step(&x, 899, &x, &DdimStepOptions::with_eta(0.0), None)
+        .is_ok());
     let mut v = DDIMScheduler::new(&SchedulerConfig {
         prediction_type: PredictionType::VPrediction,
         ..cfg
     })
     .unwrap();
     v.set_timesteps(10).unwrap();
-    let out = v.step(&x, 999, &x, 0.0, false, None).unwrap();
+    let out = v
+        .step(&x, 999, &x, &DdimStepOptions::with_eta(0.0), None)
+        .unwrap();
     assert!(max_abs(&out.prev_sample).is_finite());
 }
 
@@ -400,7 +406,18 @@ fn fused_cpu_step_equals_tensor_ops_step() {
         let x = randn(1, &[2, 3, 6, 5]).affine(3.0, 0.0).unwrap();
         let m = randn(2, &[2, 3, 6, 5]);
         let z = randn(3, &[2, 3, 6, 5]);
-        let a = s.step(&m, 500, &x, 0.7, clipped, Some(&z)).unwrap();
+        let a = s
+            .step(
+                &m,
+                500,
+                &x,
+                &DdimStepOptions {
+                    eta: 0.7,
+                    use_clipped_model_output: clipped,
+                },
+                Some(&z),
+            )
+            .unwrap();
         // Same values, non-contiguous layout.
         let strided = |t: &Tensor| {
             t.transpose(2, 3)
@@ -416,8 +433,10 @@ fn fused_cpu_step_equals_tensor_ops_step() {
                 &strided(&m),
                 500,
                 &strided(&x),
-                0.7,
-                clipped,
+                &DdimStepOptions {
+                    eta: 0.7,
+                    use_clipped_model_output: clipped,
+                },
                 Some(&strided(&z)),
             )
             .unwrap();
@@ -429,7 +448,9 @@ fn fused_cpu_step_equals_tensor_ops_step() {
     let mut s = DDIMScheduler::new(&SchedulerConfig::default()).unwrap();
     s.set_timesteps(10).unwrap();
     let x = randn(1, &[1, 3, 4, 4]).to_dtype(DType::F64).unwrap();
-    let out = s.step(&x, 900, &x, 0.0, false, None).unwrap();
+    let out = s
+        .step(&x, 900, &x, &DdimStepOptions::with_eta(0.0), None)
+        .unwrap();
     assert_eq!(out.prev_sample.dtype(), DType::F64);
 }
 

@@ -9,7 +9,7 @@ use super::kernel::{self, StepCoefficients};
 use super::{
     check_defined, check_eta, clip_of, position_in, spaced_timesteps, NoiseLevels, StepOutput,
 };
-use super::{PredictionType, SchedulerConfig};
+use super::{timestep_at, DdimStepOptions, PredictionType, Scheduler, SchedulerConfig};
 use crate::{Error, Result};
 
 /// The DDIM scheduler: a deterministic (eta = 0) or stochastic (eta > 0) non-Markovian sampler
@@ -72,11 +72,6 @@ impl DDIMScheduler {
         self.final_alpha_cumprod
     }
 
-    /// The standard deviation of x_T: 1.
-    pub fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
     /// Sets the inference timesteps (`timestep_spacing` decides where they fall).
     pub fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
         let ts = spaced_timesteps(
@@ -93,11 +88,6 @@ impl DDIMScheduler {
     /// The timesteps visited, in order (descending). All T of them before `set_timesteps`.
     pub fn timesteps(&self) -> &[usize] {
         &self.timesteps
-    }
-
-    /// The model input at `timestep`: the sample unchanged (DDIM does not scale it).
-    pub fn scale_model_input(&self, sample: &Tensor, _timestep: usize) -> Tensor {
-        super::scale_model_input(sample)
     }
 
     /// The timestep after `timestep` in the schedule, `None` after the last one (where ᾱ is
@@ -133,10 +123,13 @@ impl DDIMScheduler {
         model_output: &Tensor,
         timestep: usize,
         sample: &Tensor,
-        eta: f64,
-        use_clipped_model_output: bool,
+        options: &DdimStepOptions,
         variance_noise: Option<&Tensor>,
     ) -> Result<StepOutput> {
+        let DdimStepOptions {
+            eta,
+            use_clipped_model_output,
+        } = *options;
         check_eta(eta)?;
         // 1. the previous timestep, read off the schedule
         let prev = self.previous_timestep(timestep)?;
@@ -213,6 +206,37 @@ impl DDIMScheduler {
     /// What the model predicts.
     pub fn prediction_type(&self) -> PredictionType {
         self.config.prediction_type
+    }
+}
+
+/// DDIM with its step options, as the sampling loop runs it.
+#[derive(Clone, Debug)]
+pub struct DdimSampler {
+    /// The scheduler, its timesteps set.
+    pub scheduler: DDIMScheduler,
+    /// η and the clipped-ε̂ option of every step.
+    pub options: DdimStepOptions,
+}
+
+impl Scheduler for DdimSampler {
+    fn timesteps(&self) -> &[usize] {
+        self.scheduler.timesteps()
+    }
+
+    fn needs_noise(&self, _index: usize) -> bool {
+        self.options.eta > 0.0
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
+        let t = timestep_at(self.scheduler.timesteps(), index)?;
+        self.scheduler
+            .step(model_output, t, sample, &self.options, noise)
     }
 }
 

@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 
 use super::kernel::{self, StepCoefficients};
-use super::SchedulerConfig;
 use super::{check_defined, position_in, spaced_timesteps, NoiseLevels, StepOutput};
+use super::{timestep_at, Scheduler, SchedulerConfig};
 use crate::Result;
 
 /// The DDIM inverse scheduler. Its timesteps ascend; step `i` moves the sample from the noise
@@ -125,5 +125,27 @@ impl DDIMInverseScheduler {
             prev_sample,
             pred_original_sample,
         })
+    }
+}
+
+impl Scheduler for DDIMInverseScheduler {
+    fn timesteps(&self) -> &[usize] {
+        DDIMInverseScheduler::timesteps(self)
+    }
+
+    /// Inversion is deterministic.
+    fn needs_noise(&self, _index: usize) -> bool {
+        false
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
+        let t = timestep_at(DDIMInverseScheduler::timesteps(self), index)?;
+        DDIMInverseScheduler::step(self, model_output, t, sample)
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use super::kernel::{self, StepCoefficients};
 use super::{check_defined, clip_of, position_in, spaced_timesteps, NoiseLevels, StepOutput};
-use super::{SchedulerConfig, VarianceType};
+use super::{timestep_at, Scheduler, SchedulerConfig, VarianceType};
 use crate::{Error, Result};
 
 /// The DDPM scheduler: x_{t-1} ~ N(μ̃_t(x_t, x̂0), σ_t²) along the timestep list.
@@ -49,11 +49,6 @@ impl DDPMScheduler {
     /// ᾱ_t for t in 0..T.
     pub fn alphas_cumprod(&self) -> &[f32] {
         &self.levels.alphas_cumprod
-    }
-
-    /// The standard deviation of x_T: 1.
-    pub fn init_noise_sigma(&self) -> f64 {
-        1.0
     }
 
     /// Sets `num_inference_steps` timesteps with the config's `timestep_spacing`.
@@ -101,11 +96,6 @@ impl DDPMScheduler {
     /// The timesteps visited, in order (descending).
     pub fn timesteps(&self) -> &[usize] {
         &self.timesteps
-    }
-
-    /// The model input at `timestep`: the sample unchanged.
-    pub fn scale_model_input(&self, sample: &Tensor, _timestep: usize) -> Tensor {
-        super::scale_model_input(sample)
     }
 
     /// The timestep after `timestep` in the schedule; `None` after the last one (ᾱ = 1).
@@ -261,5 +251,36 @@ impl DDPMScheduler {
         timesteps: &[usize],
     ) -> Result<Tensor> {
         self.levels.get_velocity(sample, noise, timesteps)
+    }
+}
+
+impl Scheduler for DDPMScheduler {
+    fn timesteps(&self) -> &[usize] {
+        DDPMScheduler::timesteps(self)
+    }
+
+    /// Every step but the one at t = 0 adds noise, as diffusers does.
+    fn needs_noise(&self, index: usize) -> bool {
+        DDPMScheduler::timesteps(self)
+            .get(index)
+            .is_some_and(|&t| t > 0)
+    }
+
+    fn uses_model_variance(&self) -> bool {
+        matches!(
+            self.config.variance_type,
+            VarianceType::Learned | VarianceType::LearnedRange
+        )
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput> {
+        let t = timestep_at(DDPMScheduler::timesteps(self), index)?;
+        DDPMScheduler::step(self, model_output, t, sample, noise)
     }
 }

@@ -18,7 +18,7 @@ pub use config::{
     LoadedSchedulerConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
     VarianceType,
 };
-pub use ddim::DDIMScheduler;
+pub use ddim::{DDIMScheduler, DdimSampler};
 pub use ddim_inverse::DDIMInverseScheduler;
 pub use ddpm::DDPMScheduler;
 
@@ -31,6 +31,88 @@ pub struct StepOutput {
     pub prev_sample: Tensor,
     /// The model's prediction of x_0 at this step (after clipping or thresholding).
     pub pred_original_sample: Tensor,
+}
+
+/// The options of a DDIM step (diffusers passes them to each `step` call).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DdimStepOptions {
+    /// η of eq. 16: 0 is deterministic DDIM, 1 has DDPM's variance.
+    pub eta: f64,
+    /// Re-derive ε̂ from the clipped x̂0 (GLIDE).
+    pub use_clipped_model_output: bool,
+}
+
+impl DdimStepOptions {
+    /// η, and ε̂ as the model gave it.
+    pub fn with_eta(eta: f64) -> Self {
+        DdimStepOptions {
+            eta,
+            use_clipped_model_output: false,
+        }
+    }
+}
+
+impl Default for DdimStepOptions {
+    /// diffusers' defaults: η = 0, no re-derived ε̂.
+    fn default() -> Self {
+        Self::with_eta(0.0)
+    }
+}
+
+/// The one interface the sampling loop ([`crate::pipeline::denoise`]) drives, as diffusers'
+/// pipelines drive a scheduler: the timesteps to visit, the scale of the starting sample, the
+/// model input, and a step that keeps whatever state the sampler needs between calls. Steps are
+/// addressed by their index in [`Scheduler::timesteps`], so a sampler that visits a timestep
+/// twice (Heun) or keeps a history (multistep solvers) needs nothing else from the loop.
+///
+/// Schedulers never draw noise: [`Scheduler::needs_noise`] says which steps take it, and the
+/// loop draws it from the caller's generator in diffusers' order.
+pub trait Scheduler {
+    /// The model timesteps, in the order visited.
+    fn timesteps(&self) -> &[usize];
+
+    /// The standard deviation the starting sample is scaled to (1 for DDPM-type samplers).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// The model input at step `index` (x unchanged for DDPM-type samplers).
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let _ = index;
+        Ok(sample.clone())
+    }
+
+    /// Whether step `index` adds noise (then [`Scheduler::step`] needs it).
+    fn needs_noise(&self, index: usize) -> bool;
+
+    /// Whether the step reads a predicted variance from 2·C model output channels; otherwise
+    /// the loop passes only the first C.
+    fn uses_model_variance(&self) -> bool {
+        false
+    }
+
+    /// Step `index`: from `sample` and the model's output on it to the next sample.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<StepOutput>;
+}
+
+/// The timestep of step `index`, or an error naming both.
+fn timestep_at(timesteps: &[usize], index: usize) -> Result<usize> {
+    timesteps.get(index).copied().ok_or_else(|| {
+        Error::argument(
+            "index",
+            index,
+            format!(
+                "the schedule has {} steps: set_timesteps first, and index from 0",
+                timesteps.len()
+            ),
+        )
+    })
 }
 
 /// The inference timesteps of `spacing`, in the order they are visited when sampling (descending).
@@ -288,9 +370,4 @@ pub(crate) fn check_eta(eta: f64) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// Scales the model input; DDIM and DDPM use x_t unchanged (diffusers' `scale_model_input`).
-pub fn scale_model_input(sample: &Tensor) -> Tensor {
-    sample.clone()
 }
