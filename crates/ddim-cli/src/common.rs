@@ -46,8 +46,10 @@ impl DTypeArg {
 #[derive(Args, Debug, Clone)]
 pub struct ComputeArgs {
     /// The dtype the UNet computes in; its weights are converted at load, and the scheduler
-    /// always works in f32. f32 is the fastest on the CPU (candle's f16 CPU kernels are slower
-    /// and it has no bf16 matrix product there); f16 and bf16 are for --device cuda or metal.
+    /// always works in f32. On the CPU, f32 is the fastest except that bf16, on CPUs with
+    /// AVX512-BF16 (refused elsewhere), keeps f32 weights and activations and runs the
+    /// convolutions' products in bf16 with f32 sums, like PyTorch's CPU autocast; f16 runs on
+    /// candle's slower f16 CPU kernels. On cuda or metal the UNet runs wholly in f16 or bf16.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
 }
@@ -178,16 +180,34 @@ pub fn load_model(
 ) -> Result<Model> {
     let device = device(args.device)?;
     // bf16 on the CPU: f32 weights and activations, bf16 products (AVX512-BF16 CPUs only).
-    let dtype = if dtype == DType::BF16 && device.is_cpu() {
-        ddim::ops::bf16::set_enabled(true).map_err(|e| {
-            UsageError(format!(
-                "--dtype bf16: {e}; on this CPU use f32 (the fastest here) or f16"
-            ))
-        })?;
-        DType::F32
-    } else {
-        dtype
-    };
+    let cpu_bf16 = dtype == DType::BF16 && device.is_cpu();
+    if cpu_bf16 && !ddim::ops::bf16::available() {
+        return Err(UsageError(
+            "--dtype bf16: bf16 products on the CPU need AVX-512F and AVX512-BF16, which this \
+             CPU lacks; on this CPU use f32 (the fastest here) or f16"
+                .into(),
+        )
+        .into());
+    }
+    let model = load_model_as(
+        args,
+        spacing,
+        if cpu_bf16 { DType::F32 } else { dtype },
+        device,
+    )?;
+    if cpu_bf16 {
+        model.unet.use_bf16_products()?;
+    }
+    Ok(model)
+}
+
+/// [`load_model`] in `dtype` on `device`.
+fn load_model_as(
+    args: &ModelArgs,
+    spacing: Option<TimestepSpacing>,
+    dtype: DType,
+    device: Device,
+) -> Result<Model> {
     // Before a hub download, not after it.
     ddim::loader::check_dtype(dtype, &device)?;
     let Some(spec) = args.model.as_deref() else {

@@ -299,7 +299,7 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
         DType::BF16 if !device.is_cpu() => return Ok(()),
         DType::BF16 => {
             "bf16 needs a CUDA or Metal device: candle has no bf16 matrix product on the CPU; \
-             there load the model in f32 and call ddim::ops::bf16::set_enabled(true) (CPUs with \
+             there load the model in f32 and call its use_bf16_products() (CPUs with \
              AVX512-BF16: bf16 products in the convolutions), or use f16"
         }
         _ => "a float dtype: f32, f16, bf16 (CUDA or Metal) or f64",

@@ -1,8 +1,9 @@
 //! bf16 matrix products with f32 sums, for CPUs with AVX512-BF16 (`vdpbf16ps`: 16 f32 sums
 //! of products of bf16 pairs per instruction, twice the multiply-adds of an f32 FMA).
 //!
-//! Used by the Winograd convolutions when [`set_enabled`] asked for it (`ddim --dtype bf16` on
-//! the CPU), like PyTorch's CPU autocast: the weights and the transformed inputs are rounded
+//! Used by the Winograd convolutions of a model when
+//! [`crate::unet::UNet2DModel::use_bf16_products`] asked for it (`ddim --dtype bf16` on the
+//! CPU), like PyTorch's CPU autocast: the weights and the transformed inputs are rounded
 //! to bf16 (8 significant bits), every product and sum stays f32, and so does everything
 //! outside the products (transforms, GroupNorm, attention, the scheduler).
 //!
@@ -14,14 +15,11 @@
 //! 16 sums: the micro-kernel keeps `MR × NR` sums in 24 of the 32 vector registers.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Rows of `A` per micro-kernel (broadcast pairs).
 pub const MR: usize = 12;
 /// Columns of `B` per micro-kernel (two vectors of 16).
 pub const NR: usize = 32;
-
-static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether this CPU runs the bf16 kernel (AVX-512F and AVX512-BF16).
 pub fn available() -> bool {
@@ -34,26 +32,6 @@ pub fn available() -> bool {
     {
         false
     }
-}
-
-/// Makes the Winograd convolutions whose weights are transformed from now on run their
-/// products in bf16 (`true`), or in f32 (`false`, the default). An error names what the CPU
-/// lacks when it cannot.
-pub fn set_enabled(on: bool) -> Result<(), String> {
-    if on && !available() {
-        return Err(
-            "bf16 products on the CPU need AVX-512F and AVX512-BF16, which this CPU \
-                    lacks"
-                .into(),
-        );
-    }
-    ENABLED.store(on, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Whether [`set_enabled`] turned the bf16 products on.
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
 }
 
 /// `x`'s bits rounded to the nearest bf16 (ties to even), in the upper 16 bits.

@@ -794,6 +794,9 @@ pub struct Conv2d {
     /// The Winograd transform of a 3×3 stride-1 weight that is not a training variable, made
     /// at the first forward pass that uses it (`None` inside: not applicable).
     winograd: std::sync::OnceLock<Option<Tensor>>,
+    /// Whether the Winograd products run in bf16 (`true`) or f32: set by
+    /// [`Conv2d::use_bf16_products`] or, as f32, by the first transform.
+    bf16_products: std::sync::OnceLock<bool>,
 }
 
 impl Conv2d {
@@ -827,7 +830,37 @@ impl Conv2d {
             stride,
             padding,
             winograd: std::sync::OnceLock::new(),
+            bf16_products: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this convolution's Winograd products run in bf16 with f32 sums (CPUs with
+    /// AVX512-BF16, see [`super::bf16`]), like PyTorch's CPU autocast. It must come before the
+    /// first forward pass (which fixes the weight's transform); the error says so, or names
+    /// what the CPU lacks.
+    pub fn use_bf16_products(&self) -> crate::Result<()> {
+        if !super::bf16::available() {
+            return Err(crate::Error::argument(
+                "dtype",
+                "bf16 (CPU)",
+                "bf16 products on the CPU need AVX-512F and AVX512-BF16, which this CPU lacks",
+            ));
+        }
+        match self.bf16_products.set(true) {
+            Ok(()) => Ok(()),
+            Err(_) if self.bf16_products.get() == Some(&true) => Ok(()),
+            Err(_) => Err(crate::Error::argument(
+                "dtype",
+                "bf16 (CPU)",
+                "the model has run in f32 already: ask for bf16 products before its first \
+                 forward pass",
+            )),
+        }
+    }
+
+    /// Whether the Winograd products run in bf16; from here on, they can no longer change.
+    fn bf16(&self) -> bool {
+        *self.bf16_products.get_or_init(|| false)
     }
 
     /// The weight, `(o, c, k, k)`.
@@ -872,7 +905,7 @@ impl Conv2d {
                 let (ho, wo) = (h + 2 * self.padding - 2, wi + 2 * self.padding - 2);
                 // bf16 rounding through F(4×4)'s transforms moved 20-step samples of the
                 // built-in model to 20-44 dB PSNR of f32's; through F(2×2)'s, 39-64 dB.
-                if super::bf16::enabled() {
+                if self.bf16() {
                     WinogradTile::F2
                 } else {
                     WinogradTile::for_output(b, c_in, ho, wo)
@@ -883,7 +916,7 @@ impl Conv2d {
             return None;
         }
         self.winograd
-            .get_or_init(|| match super::bf16::enabled() {
+            .get_or_init(|| match self.bf16() {
                 true => super::winograd::transform_weight_bf16(w, tile).ok(),
                 false => super::winograd::transform_weight(w, tile).ok(),
             })

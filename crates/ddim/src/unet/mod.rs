@@ -317,6 +317,16 @@ impl UNet2DModel {
             .for_each(|(conv, (h, w))| conv.prepare(batch, *h, *w));
     }
 
+    /// Makes every convolution's Winograd products run in bf16 with f32 sums (CPUs with
+    /// AVX512-BF16; the weights and activations stay f32), before the first forward pass.
+    /// Passed to the model rather than set globally, so two models in one process may differ.
+    pub fn use_bf16_products(&self) -> Result<()> {
+        for (conv, _) in self.convs((1, 1)) {
+            conv.use_bf16_products()?;
+        }
+        Ok(())
+    }
+
     /// For each convolution, in forward order, the points of the Winograd transform it keeps
     /// (16 for F(2×2, 3×3), 36 for F(4×4, 3×3)), or `None` (im2col + GEMM, or not run yet).
     pub fn winograd_points(&self) -> Vec<Option<usize>> {
