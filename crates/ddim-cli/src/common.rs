@@ -339,19 +339,21 @@ fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {
     Ok(loaded.config)
 }
 
-/// A progress bar on stderr over `total` model evaluations (hidden with --quiet).
-pub fn progress(total: u64, quiet: bool, what: &str) -> ProgressBar {
+/// The progress bar of every command: on stderr, `total` `unit`s labelled `what`, with the
+/// live status in its message (hidden with --quiet).
+pub fn progress(total: u64, quiet: bool, what: &str, unit: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} steps ({per_sec}, eta {eta})",
-        )
+        ProgressStyle::with_template(&format!(
+            "{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ({{per_sec}}, \
+             eta {{eta}}) {{msg}}"
+        ))
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_message(what.to_string());
+    bar.set_prefix(what.to_string());
     bar
 }
 

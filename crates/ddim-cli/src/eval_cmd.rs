@@ -15,7 +15,6 @@ use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
 use ddim::scheduler::DDIMScheduler;
 use ddim::train::{Dataset, Fit, BUILTIN_DATASETS};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::plot::{self, LineChart, Series};
@@ -254,7 +253,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .filter(|&(eta, s)| !is_done(&cells, eta, s))
         .map(|(_, s)| (n * s) as u64)
         .sum();
-    let bar = progress(total, args.model.quiet);
+    let bar = common::progress(total, args.model.quiet, "eval", "image-steps");
     for &eta in &etas {
         for &s in &steps {
             if is_done(&cells, eta, s) {
@@ -444,20 +443,6 @@ fn open_real(spec: &str, channels: usize, size: usize) -> Result<Dataset> {
         )));
     }
     Ok(set)
-}
-
-fn progress(total: u64, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} image-steps ({per_sec}, {eta} left)",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
 }
 
 fn grid_name(eta: f64, steps: usize) -> String {

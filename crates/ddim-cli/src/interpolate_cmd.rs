@@ -112,6 +112,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         (chunks * args.steps) as u64,
         args.model.quiet,
         "interpolating",
+        "steps",
     );
     let mut frames = Vec::new();
     for c in 0..chunks {

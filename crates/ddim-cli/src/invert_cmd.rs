@@ -86,7 +86,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .class_label
         .map(|c| Tensor::new(&[c], &model.device))
         .transpose()?;
-    let bar = common::progress(args.steps as u64, args.model.quiet, "inverting");
+    let bar = common::progress(args.steps as u64, args.model.quiet, "inverting", "steps");
     let x_t = pipeline::invert(
         &model.unet,
         &model.scheduler_config,
@@ -107,7 +107,12 @@ pub fn run(args: InvertArgs) -> Result<()> {
     }
 
     if let Some(out) = args.reconstruct.as_ref().filter(|_| !done[1]) {
-        let bar = common::progress(args.steps as u64, args.model.quiet, "reconstructing");
+        let bar = common::progress(
+            args.steps as u64,
+            args.model.quiet,
+            "reconstructing",
+            "steps",
+        );
         let options = SampleOptions {
             num_inference_steps: args.steps,
             ..Default::default()

@@ -476,7 +476,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if let (Some(&b), [_, _, h, w]) = (planned.first(), shape1) {
         model.unet.prepare(batch.min(n - b * batch), h, w);
     }
-    let bar = common::progress((planned.len() * steps) as u64, args.model.quiet, "sampling");
+    let bar = common::progress(
+        (planned.len() * steps) as u64,
+        args.model.quiet,
+        "sampling",
+        "steps",
+    );
     let started = Instant::now();
     let mut tensors = Vec::new();
     let mut torch_gen = (args.rng == RngArg::Torch).then(|| Generator::torch(args.seed));

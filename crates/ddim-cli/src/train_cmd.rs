@@ -14,7 +14,6 @@ use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::{PredictionType, SchedulerConfig};
 use ddim::train::{self, Dataset, EmaDecay, Fit, LrSchedule, TrainConfig, Trainer};
 use ddim::unet::UNet2DConfig;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::common::{self, DeviceArg};
 use crate::plot::{self, LineChart, Series};
@@ -321,7 +320,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         });
     }
 
-    let bar = progress(cfg.steps, done, args.quiet);
+    let bar = common::progress(cfg.steps, args.quiet, "train", "steps");
+    bar.set_position(done);
+    bar.reset_eta();
     let mut window = Instant::now();
     let mut window_steps = 0u64;
     let mut images_per_s = 0.0;
@@ -394,22 +395,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn recent_mean(losses: &[f32], n: usize) -> f64 {
     let tail = &losses[losses.len().saturating_sub(n.max(1))..];
     tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len().max(1) as f64
-}
-
-fn progress(total: u64, done: u64, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "train [{elapsed_precise}] {wide_bar} {pos}/{len} steps (eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(done);
-    bar.reset_eta();
-    bar
 }
 
 fn save(trainer: &Trainer, dir: &Path) -> Result<()> {
