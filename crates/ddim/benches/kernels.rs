@@ -46,7 +46,7 @@ fn conv(c: &mut Criterion) {
         for (name, tile) in [("ddim-winograd", Tile::F2), ("ddim-winograd-f4", Tile::F4)] {
             let u = ddim::ops::winograd::transform_weight(&w, tile).unwrap();
             g.bench_function(BenchmarkId::new(name, &id), |bn| {
-                bn.iter(|| ddim::ops::winograd::conv3x3(&x, &u, &w, 1).unwrap())
+                bn.iter(|| ddim::ops::conv::winograd_conv3x3(&x, &u, &w, 1).unwrap())
             });
         }
         g.bench_function(BenchmarkId::new("candle", &id), |bn| {

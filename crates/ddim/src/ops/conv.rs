@@ -18,37 +18,21 @@
 //! Tiles are spread over threads when there are at least as many as threads; otherwise one
 //! tile at a time runs with the GEMM itself split over the threads.
 
-use std::cell::RefCell;
 use std::ops::Range;
-use std::thread::LocalKey;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 
 use super::f32_slice;
-use super::winograd::Tile as WinogradTile;
+use super::gemm::{matmul, with_buffer, Out, BLOCK, COLUMNS};
+use super::geometry::Geometry;
+use super::winograd::{self, Tile as WinogradTile};
 use rayon::prelude::*;
 
 /// The size of one thread's column buffer, in f32 values (4 MiB): large enough for GEMMs of a
 /// few hundred columns at the widest UNet layers, small enough to stay bounded at 256×256.
 /// Unit tests use a tiny one so that their small shapes cut images into several row tiles.
 const COL_TILE_FLOATS: usize = if cfg!(test) { 1 << 9 } else { 1 << 20 };
-
-/// The geometry of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    pub(crate) b: usize,
-    pub(crate) c_in: usize,
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) c_out: usize,
-    pub(crate) kh: usize,
-    pub(crate) kw: usize,
-    pub(crate) stride: usize,
-    pub(crate) padding: usize,
-    pub(crate) ho: usize,
-    pub(crate) wo: usize,
-}
 
 /// Output columns computed by one GEMM: output rows `rows` of the images `images` (all rows
 /// when there is more than one image).
@@ -65,31 +49,6 @@ impl Tile {
 }
 
 impl Geometry {
-    pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<Self> {
-        let (&[b, c_in, h, wd], &[c_out, c_in_w, kh, kw]) = (x, w) else {
-            candle_core::bail!("conv2d: expected (b, c, h, w) input and (o, c, kh, kw) weight, got {x:?} and {w:?}")
-        };
-        if c_in != c_in_w {
-            candle_core::bail!("conv2d: input has {c_in} channels, weight expects {c_in_w}")
-        }
-        if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
-            candle_core::bail!("conv2d: kernel {kh}x{kw} (stride {stride}, padding {padding}) does not fit input {h}x{wd}")
-        }
-        Ok(Geometry {
-            b,
-            c_in,
-            h,
-            w: wd,
-            c_out,
-            kh,
-            kw,
-            stride,
-            padding,
-            ho: (h + 2 * padding - kh) / stride + 1,
-            wo: (wd + 2 * padding - kw) / stride + 1,
-        })
-    }
-
     fn k(&self) -> usize {
         self.c_in * self.kh * self.kw
     }
@@ -273,98 +232,9 @@ impl Geometry {
     }
 }
 
-thread_local! {
-    /// Each thread's column buffer, reused by every convolution it runs.
-    pub(crate) static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Each thread's buffer for a tile of several images' outputs or gradients.
-    pub(crate) static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with the thread's buffer `key` holding at least `len` values (contents
-/// unspecified), or a fresh one when the thread's is in use (a nested call from a GEMM's
-/// worker).
-pub(crate) fn with_buffer<R>(
-    key: &'static LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            f(&mut buf[..len])
-        }
-        Err(_) => f(&mut vec![0f32; len]),
-    })
-}
-
 /// [`with_buffer`] on the column buffer.
 fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_buffer(&COLUMNS, len, f)
-}
-
-/// A pointer that tiles writing disjoint parts of one output share across threads.
-#[derive(Clone, Copy)]
-pub(crate) struct Out(pub(crate) *mut f32);
-// SAFETY: every user writes through it only to elements no other thread touches (the
-// callers' comments say why), and the buffer outlives the parallel section.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    pub(crate) fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `dst (m×n, row stride dst_rs) = [dst +] a (m×k, strides ars/acs) · b (k×n, strides brs/bcs)`.
-///
-/// # Safety
-/// `dst` must be valid for writes of every element `i·dst_rs + j` (i < m, j < n) and for reads
-/// of them when `accumulate`, and must not alias `a` or `b` nor be written by another thread.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    par: Parallelism,
-) {
-    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
-    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    // SAFETY: `a` and `b` hold every element the strides address (asserted above); `dst` as
-    // the caller promises.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
 }
 
 /// Runs `f` on each unit, in parallel when `parallel`, else in order.
@@ -384,7 +254,7 @@ pub struct Conv2dOp {
     /// Zero padding of all four sides.
     pub padding: usize,
     /// Run 3×3 stride-1 kernels by Winograd F(2×2, 3×3), the weight transformed at every call,
-    /// where the output is large enough ([`super::winograd::worth_it`]); im2col + GEMM
+    /// where the output is large enough ([`winograd::worth_it`]); im2col + GEMM
     /// otherwise.
     pub winograd: bool,
 }
@@ -408,17 +278,12 @@ impl CustomOp2 for Conv2dOp {
         );
         if self.winograd
             && (g.kh, g.kw, g.stride) == (3, 3, 1)
-            && super::winograd::worth_it(xl.dims(), g.padding, WinogradTile::F2)
+            && winograd::worth_it(xl.dims(), g.padding, WinogradTile::F2)
         {
             // Winograd with the weight transformed now (a training step changes it every time;
             // the transform costs ~40 flops per weight, the convolution 2·B·H·W per weight).
-            let u = super::winograd::transform_weight_values(w, g.c_out, g.c_in, WinogradTile::F2);
-            return super::winograd::forward(
-                x,
-                &g,
-                super::winograd::Transformed::F32(&u),
-                WinogradTile::F2,
-            );
+            let u = winograd::transform_weight_values(w, g.c_out, g.c_in, WinogradTile::F2);
+            return winograd::forward(x, &g, winograd::Transformed::F32(&u), WinogradTile::F2);
         }
         let (k, n, total) = (g.k(), g.n(), g.b * g.per_out());
         let tiles = g.tiles();
@@ -783,6 +648,82 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     }
 }
 
+/// `(x, U) -> conv2d(x, w)` for a 3×3 kernel, stride 1, with `U` from [`winograd::transform_weight`]
+/// (its first dimension, 16 or 36, says which [`WinogradTile`]); `weight` is the untransformed kernel,
+/// for the input gradient.
+#[derive(Clone, Debug)]
+pub(crate) struct WinogradConv {
+    pub padding: usize,
+    pub weight: Tensor,
+}
+
+impl CustomOp2 for WinogradConv {
+    fn name(&self) -> &'static str {
+        "ddim-conv2d-winograd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let conv = Geometry::new(xl.dims(), self.weight.dims(), 1, self.padding)?;
+        let tile = ul
+            .dims()
+            .first()
+            .and_then(|&p| WinogradTile::from_points(p));
+        let packed = matches!(us, CpuStorage::U32(_));
+        let shape = |t: &WinogradTile| match packed {
+            false => ul.dims() == [t.points(), conv.c_out, conv.c_in],
+            true => ul.dims() == [t.points(), super::bf16::packed_len(conv.c_out, conv.c_in)],
+        };
+        let Some(tile) = tile.filter(shape) else {
+            candle_core::bail!(
+                "winograd: transformed weight has shape {:?}, expected [16 or 36, {}, {}] for a \
+                 {:?} kernel (or [16 or 36, n] packed for bf16)",
+                ul.dims(),
+                conv.c_out,
+                conv.c_in,
+                self.weight.dims()
+            )
+        };
+        let x = f32_slice(xs, xl, "conv2d", "input")?;
+        let u = match us {
+            CpuStorage::U32(data) => match ul.contiguous_offsets() {
+                Some((start, end)) => winograd::Transformed::Bf16(&data[start..end]),
+                None => candle_core::bail!("conv2d: weight must be contiguous"),
+            },
+            _ => winograd::Transformed::F32(f32_slice(us, ul, "conv2d", "weight")?),
+        };
+        winograd::forward(x, &conv, u, tile)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = input_grad(x, &self.weight, &dy.contiguous()?, 1, self.padding)?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `conv2d(x, weight)` for a 3×3 kernel, stride 1, `padding`, by Winograd, with
+/// `u = winograd::transform_weight(weight, tile)` made beforehand; f32 on the CPU only.
+pub fn winograd_conv3x3(x: &Tensor, u: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        u,
+        WinogradConv {
+            padding,
+            weight: weight.clone(),
+        },
+    )
+}
+
 /// A `nn.Conv2d` with square kernel, stride and padding (weights `weight` `(o, c, k, k)` and
 /// `bias` `(o,)`), running [`conv2d`].
 #[derive(Clone, Debug)]
@@ -881,7 +822,7 @@ impl Conv2d {
 
     /// The Winograd weight when this convolution of `b` images of `h × w` should use it: f32
     /// on the CPU, 3×3, stride 1, a weight that training does not update (its transform is
-    /// kept), and enough output for the method to pay ([`super::winograd::worth_it`]). The
+    /// kept), and enough output for the method to pay ([`winograd::worth_it`]). The
     /// algorithm is chosen by the first input's size ([`WinogradTile::for_output`]) and kept
     /// for later ones (both are exact for any size; a sampling run keeps one batch size).
     fn winograd_for(&self, b: usize, h: usize, wi: usize) -> Option<&Tensor> {
@@ -912,13 +853,13 @@ impl Conv2d {
                 }
             }
         };
-        if !super::winograd::worth_it(&[b, c_in, h, wi], self.padding, tile) {
+        if !winograd::worth_it(&[b, c_in, h, wi], self.padding, tile) {
             return None;
         }
         self.winograd
             .get_or_init(|| match self.bf16() {
-                true => super::winograd::transform_weight_bf16(w, tile).ok(),
-                false => super::winograd::transform_weight(w, tile).ok(),
+                true => winograd::transform_weight_bf16(w, tile).ok(),
+                false => winograd::transform_weight(w, tile).ok(),
             })
             .as_ref()
     }
@@ -940,7 +881,7 @@ impl Conv2d {
 impl candle_core::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.winograd_weight(x) {
-            Some(u) => super::winograd::conv3x3(x, u, &self.weight, self.padding)?,
+            Some(u) => winograd_conv3x3(x, u, &self.weight, self.padding)?,
             None => conv2d(x, &self.weight, self.stride, self.padding)?,
         };
         match &self.bias {

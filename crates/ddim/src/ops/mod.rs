@@ -4,6 +4,8 @@
 pub mod bf16;
 pub mod conv;
 pub mod elementwise;
+mod gemm;
+mod geometry;
 pub mod group_norm;
 pub mod simd;
 pub mod winograd;

@@ -20,12 +20,12 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{matmul, with_buffer, Geometry as ConvGeometry, Out, BLOCK, COLUMNS};
-use super::f32_slice;
+use super::gemm::{matmul, with_buffer, Out, BLOCK, COLUMNS};
+use super::geometry::Geometry as ConvGeometry;
 
 /// Scratch values per chunk of blocks (input and product transforms together): 4 MiB, as
 /// [`super::conv`]'s column tiles. Unit tests use a tiny one to cut images into many chunks.
@@ -530,79 +530,6 @@ fn interleave(phases: &[f32], n: usize, at: usize, line: &mut [f32], m: usize) {
     }
 }
 
-/// `(x, U) -> conv2d(x, w)` for a 3×3 kernel, stride 1, with `U` from [`transform_weight`]
-/// (its first dimension, 16 or 36, says which [`Tile`]); `weight` is the untransformed kernel,
-/// for the input gradient.
-#[derive(Clone, Debug)]
-pub(crate) struct WinogradConv {
-    pub padding: usize,
-    pub weight: Tensor,
-}
-
-impl CustomOp2 for WinogradConv {
-    fn name(&self) -> &'static str {
-        "ddim-conv2d-winograd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        us: &CpuStorage,
-        ul: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let conv = ConvGeometry::new(xl.dims(), self.weight.dims(), 1, self.padding)?;
-        let tile = ul.dims().first().and_then(|&p| Tile::from_points(p));
-        let packed = matches!(us, CpuStorage::U32(_));
-        let shape = |t: &Tile| match packed {
-            false => ul.dims() == [t.points(), conv.c_out, conv.c_in],
-            true => ul.dims() == [t.points(), super::bf16::packed_len(conv.c_out, conv.c_in)],
-        };
-        let Some(tile) = tile.filter(shape) else {
-            candle_core::bail!(
-                "winograd: transformed weight has shape {:?}, expected [16 or 36, {}, {}] for a \
-                 {:?} kernel (or [16 or 36, n] packed for bf16)",
-                ul.dims(),
-                conv.c_out,
-                conv.c_in,
-                self.weight.dims()
-            )
-        };
-        let x = f32_slice(xs, xl, "conv2d", "input")?;
-        let u = match us {
-            CpuStorage::U32(data) => match ul.contiguous_offsets() {
-                Some((start, end)) => Transformed::Bf16(&data[start..end]),
-                None => candle_core::bail!("conv2d: weight must be contiguous"),
-            },
-            _ => Transformed::F32(f32_slice(us, ul, "conv2d", "weight")?),
-        };
-        forward(x, &conv, u, tile)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _u: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = super::conv::input_grad(x, &self.weight, &dy.contiguous()?, 1, self.padding)?;
-        Ok((Some(dx), None))
-    }
-}
-
-/// `conv2d(x, weight)` for a 3×3 kernel, stride 1, `padding`, by Winograd, with
-/// `u = transform_weight(weight, tile)` made beforehand; f32 on the CPU only.
-pub fn conv3x3(x: &Tensor, u: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(
-        u,
-        WinogradConv {
-            padding,
-            weight: weight.clone(),
-        },
-    )
-}
-
 /// A transformed weight: α² row-major `c_out × c_in` matrices ([`transform_weight_values`]),
 /// or the same packed for the bf16 kernel ([`super::bf16::pack_a`], one after the other).
 #[derive(Clone, Copy)]
@@ -739,6 +666,7 @@ pub(crate) fn worth_it(x: &[usize], padding: usize, tile: Tile) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::conv::{winograd_conv3x3 as conv3x3, WinogradConv};
     use crate::ops::testing::{assert_same_gradients, max_diff, randn};
     use candle_core::Var;
 
