@@ -506,7 +506,7 @@ fn table(metric: &Metric, cells: &[Cell], etas: &[f64], steps: &[usize]) -> Stri
 
 fn write_csv(path: &Path, cells: &[Cell], n: usize) -> Result<()> {
     let text = csv_text(cells, n);
-    ddim::npy::write_atomically(path, |w| w.write_all(text.as_bytes()))
+    ddim::atomic::write_atomically(path, |w| w.write_all(text.as_bytes()))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

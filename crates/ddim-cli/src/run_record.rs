@@ -208,7 +208,7 @@ pub fn read_record(path: &Path) -> Result<Option<RunRecord>> {
 /// Writes the record atomically.
 pub fn write_record(path: &Path, record: &RunRecord) -> Result<()> {
     let text = serde_json::to_string_pretty(&record.to_json())? + "\n";
-    ddim::npy::write_atomically(path, |w| w.write_all(text.as_bytes()))?;
+    ddim::atomic::write_atomically(path, |w| w.write_all(text.as_bytes()))?;
     Ok(())
 }
 

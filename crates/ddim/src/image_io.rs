@@ -15,7 +15,7 @@ use image::codecs::png::PngEncoder;
 use image::imageops::FilterType;
 use image::{Delay, DynamicImage, Frame, GrayImage, ImageBuffer, Luma, Pixel, RgbImage, RgbaImage};
 
-use crate::npy::write_atomically;
+use crate::atomic::write_atomically;
 use crate::{Error, Result};
 
 /// The largest image (in bytes of pixel data) that [`make_grid`] and [`upscale_nearest`] build:
@@ -561,7 +561,7 @@ pub fn leftover_temp_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name();
-        if let Some(target) = name.to_str().and_then(crate::npy::atomic_write_target) {
+        if let Some(target) = name.to_str().and_then(crate::atomic::atomic_write_target) {
             found.push((target.to_string(), entry.path()));
         }
     }

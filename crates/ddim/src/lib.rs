@@ -21,11 +21,15 @@
 //! # Ok::<(), ddim::Error>(())
 //! ```
 
+pub mod atomic;
 pub mod error;
+#[cfg(feature = "eval")]
 pub mod eval;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "hub")]
 pub mod hub;
+#[cfg(feature = "image")]
 pub mod image_io;
 pub mod json;
 pub mod loader;

@@ -389,14 +389,14 @@ pub fn save_pipeline_folder(
             format!("serialisable tensors ({e})"),
         )
     })?;
-    crate::npy::write_atomically(&weights, |w| w.write_all(&bytes))?;
+    crate::atomic::write_atomically(&weights, |w| w.write_all(&bytes))?;
     let json = |path: PathBuf, value: serde_json::Value| -> Result<()> {
         let mut text = serde_json::to_string_pretty(&value).map_err(|source| Error::Json {
             path: path.clone(),
             source,
         })?;
         text.push('\n');
-        crate::npy::write_atomically(&path, |w| w.write_all(text.as_bytes()))
+        crate::atomic::write_atomically(&path, |w| w.write_all(text.as_bytes()))
     };
     json(dir.join("unet").join(CONFIG_NAME), unet_config.to_json())?;
     json(

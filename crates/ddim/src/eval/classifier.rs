@@ -489,7 +489,7 @@ impl TrainedClassifier {
     /// Writes [`TrainedClassifier::to_bytes`] to `path` atomically.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        crate::npy::write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
+        crate::atomic::write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
     }
 }
 

