@@ -304,6 +304,26 @@ impl Model {
         crate::run_record::sha256_files(&paths)
     }
 
+    /// A run record of `command` holding what every command that runs this model records: the
+    /// model's hash, the scheduler config as `kind` reads it (`scheduler.*`) and the dtype; the
+    /// model's source and the device as notes.
+    pub fn run_record(
+        &self,
+        command: &str,
+        kind: ddim::scheduler::SchedulerKind,
+        compute: &ComputeArgs,
+    ) -> Result<crate::run_record::RunRecord> {
+        let mut r = crate::run_record::RunRecord::new(command);
+        r.set("model_sha256", self.sha256()?)
+            .set_all("scheduler", &self.scheduler_config.to_json(kind))
+            .set("dtype", compute.dtype.dtype().as_str());
+        r.note("model", self.source.clone()).note(
+            "device",
+            format!("{:?}", self.device.location()).to_lowercase(),
+        );
+        Ok(r)
+    }
+
     /// Refuses a scheduler config whose `_class_name` is a sampler ddim does not implement:
     /// diffusers' pipelines sample such a folder with that sampler, so DDIM in its place would
     /// silently give other images. `DDPMScheduler` and `DDIMScheduler` configs are sampled with

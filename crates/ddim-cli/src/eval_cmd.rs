@@ -20,6 +20,7 @@ use crate::common::{self, ComputeArgs, ModelArgs};
 use crate::plot::{self, LineChart, Series};
 use crate::run_record::{read_record, write_record, RunRecord, RECORD_NAME};
 use crate::UsageError;
+use ddim::scheduler::SchedulerKind;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -72,20 +73,11 @@ pub struct EvalArgs {
 
 /// What makes the cells of two runs comparable, for `--resume`: the run record of the folder.
 fn record_of(args: &EvalArgs, model: &common::Model) -> Result<RunRecord> {
-    let mut r = RunRecord::new("eval");
-    r.set("model_sha256", model.sha256()?)
-        .set_all(
-            "scheduler",
-            &model
-                .scheduler_config
-                .to_json(ddim::scheduler::SchedulerKind::Ddim),
-        )
-        .set("data", args.data.clone())
+    let mut r = model.run_record("eval", SchedulerKind::Ddim, &args.compute)?;
+    r.set("data", args.data.clone())
         .set("num_samples", args.num_samples)
         .set("seed", args.seed)
-        .set("k", args.k)
-        .set("dtype", args.compute.dtype.dtype().as_str());
-    r.note("model", model.source.clone());
+        .set("k", args.k);
     Ok(r)
 }
 

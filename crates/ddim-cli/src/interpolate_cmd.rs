@@ -13,6 +13,7 @@ use crate::common::{self, ComputeArgs, Model, ModelArgs};
 use crate::run_record::{self, RunRecord};
 use crate::sample_cmd::RngArg;
 use crate::UsageError;
+use ddim::scheduler::SchedulerKind;
 
 #[derive(Args, Debug)]
 pub struct InterpolateArgs {
@@ -153,30 +154,16 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
 /// the two ends').
 fn record_of(args: &InterpolateArgs, model: &Model, gif: bool) -> Result<RunRecord> {
     let shape = pipeline::noise_shape(&model.unet, 1)?;
-    let rng = match args.rng {
-        RngArg::Default => "default",
-        RngArg::Torch => "torch",
-    };
-    let mut r = RunRecord::new("interpolate");
-    r.set("model_sha256", model.sha256()?)
-        .set_all(
-            "scheduler",
-            &model
-                .scheduler_config
-                .to_json(ddim::scheduler::SchedulerKind::Ddim),
-        )
-        .set("steps", args.steps)
+    let mut r = model.run_record("interpolate", SchedulerKind::Ddim, &args.compute)?;
+    r.set("steps", args.steps)
         .set("seed_a", args.seed_a)
         .set("seed_b", args.seed_b)
         .set("frames", args.frames)
-        .set("rng", rng)
-        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
+        .set("rng", args.rng.name())
         .set("image_shape", shape[1..].to_vec())
         .set("upscale", args.upscale);
     if gif {
         r.set("frame_ms", args.frame_ms);
     }
-    r.note("model", model.source.clone())
-        .note("device", format!("{:?}", args.model.device).to_lowercase());
     Ok(r)
 }

@@ -12,6 +12,7 @@ use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ComputeArgs, Model, ModelArgs};
 use crate::run_record::{self, RunRecord};
+use ddim::scheduler::SchedulerKind;
 
 #[derive(Args, Debug)]
 pub struct InvertArgs {
@@ -162,25 +163,15 @@ pub fn run(args: InvertArgs) -> Result<()> {
 /// deterministic (no η, no noise); the input is identified by its bytes.
 fn record_of(args: &InvertArgs, model: &Model) -> Result<RunRecord> {
     let shape = pipeline::noise_shape(&model.unet, 1)?;
-    let mut r = RunRecord::new("invert");
     // The DDIM config's keys include the inverse scheduler's, so one set covers both ways.
-    r.set("model_sha256", model.sha256()?)
-        .set_all(
-            "scheduler",
-            &model
-                .scheduler_config
-                .to_json(ddim::scheduler::SchedulerKind::Ddim),
-        )
-        .set("steps", args.steps)
+    let mut r = model.run_record("invert", SchedulerKind::Ddim, &args.compute)?;
+    r.set("steps", args.steps)
         .set(
             "input_sha256",
             run_record::sha256_files(std::slice::from_ref(&args.input))?,
         )
-        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
         .set("image_shape", shape[1..].to_vec())
         .set("class_label", args.class_label);
-    r.note("model", model.source.clone())
-        .note("input", args.input.display().to_string())
-        .note("device", format!("{:?}", args.model.device).to_lowercase());
+    r.note("input", args.input.display().to_string());
     Ok(r)
 }

@@ -36,6 +36,16 @@ pub enum RngArg {
     Torch,
 }
 
+impl RngArg {
+    /// The name a run record gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RngArg::Default => "default",
+            RngArg::Torch => "torch",
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SampleArgs {
     #[command(flatten)]
@@ -577,14 +587,8 @@ fn record_of(
         Sampler::Ddpm => ("ddpm", ddim::scheduler::SchedulerKind::Ddpm),
     };
     let shape = pipeline::noise_shape(&model.unet, 1)?;
-    let rng = match args.rng {
-        RngArg::Default => "default",
-        RngArg::Torch => "torch",
-    };
-    let mut r = RunRecord::new("sample");
-    r.set("model_sha256", model.sha256()?)
-        .set("sampler", sampler)
-        .set_all("scheduler", &model.scheduler_config.to_json(kind))
+    let mut r = model.run_record("sample", kind, &args.compute)?;
+    r.set("sampler", sampler)
         .set("steps", options.num_inference_steps)
         .set("eta", options.eta)
         .set(
@@ -595,14 +599,11 @@ fn record_of(
                 "drawn"
             },
         )
-        .set("rng", rng)
-        .set("dtype", format!("{:?}", args.compute.dtype).to_lowercase())
+        .set("rng", args.rng.name())
         .set("image_shape", shape[1..].to_vec())
         .set("class_label", args.class_label)
         .set("upscale", args.upscale);
-    r.note("model", model.source.clone())
-        .note("batch_size", batch)
-        .note("device", format!("{:?}", args.model.device).to_lowercase());
+    r.note("batch_size", batch);
     Ok(r)
 }
 
