@@ -192,14 +192,6 @@ impl Output {
         }
     }
 
-    /// The folder, unless the output is one file.
-    fn dir(&self) -> Option<&Path> {
-        match self {
-            Output::File(_) => None,
-            Output::Numbered { dir, .. } | Output::Seeded { dir, .. } => Some(dir),
-        }
-    }
-
     fn path(&self, i: usize) -> PathBuf {
         match self {
             Output::File(path) => path.clone(),
@@ -228,63 +220,312 @@ fn seeded_index(name: &str, seed: u64, range: &Range<usize>) -> Option<usize> {
     (range.contains(&i) && canonical.as_os_str() == name).then_some(i)
 }
 
+/// `ddim sample`: parse the arguments (no model needed), load the model, plan the run (its
+/// outputs claimed, what exists skipped), sample the planned batches, write what remains.
 pub fn run(args: SampleArgs) -> Result<()> {
-    let spacing = args
-        .timestep_spacing
-        .as_deref()
-        .map(TimestepSpacing::from_name)
-        .transpose()?;
-    let sampler = match args.scheduler {
-        SamplerArg::Ddim => Sampler::Ddim,
-        SamplerArg::Ddpm => Sampler::Ddpm,
-    };
-    let steps = args.steps.unwrap_or(match sampler {
-        Sampler::Ddim => 50,
-        Sampler::Ddpm => 1000,
-    });
-    if !(args.eta.is_finite() && args.eta >= 0.0) {
-        return Err(UsageError(format!(
-            "--eta {}: eta must be a finite number >= 0 (0 is deterministic DDIM, 1 has DDPM's variance)",
-            args.eta
-        ))
-        .into());
-    }
-    if args.upscale == 0 || args.upscale > 64 {
-        return Err(UsageError(format!(
-            "--upscale {}: must be between 1 and 64",
-            args.upscale
-        ))
-        .into());
-    }
-    // PNG files go where -o says, or to samples/ when no other output was asked for.
-    let output = match (&args.output, &args.grid, &args.save_tensor) {
-        (Some(path), _, _) => Some(path.clone()),
-        (None, None, None) => Some(PathBuf::from("samples")),
-        _ => None,
-    };
-    let single_file = output
-        .as_ref()
-        .and_then(|o| o.extension())
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if let Some(shard) = args.shard {
-        check_shard(&args, output.as_deref(), shard, single_file)?;
-    }
-
-    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
+    let request = Request::parse(&args)?;
+    let model = common::load_model(&args.model, request.spacing, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
-    let shape1 = pipeline::noise_shape(&model.unet, 1)?;
-
-    // x_T from a file, if given
-    let noise = match &args.noise {
-        Some(path) => {
-            let t = ddim::npy::read_npy_tensor(path, &model.device)
-                .with_context(|| format!("reading --noise {}", path.display()))?;
-            common::check_noise(&t, &shape1, path)?;
-            Some(t)
-        }
-        None => None,
+    let Some(mut plan) = Plan::new(&args, request, &model)? else {
+        return Ok(()); // nothing to do, said why
     };
-    let n = match (&noise, args.num_images) {
+    let started = Instant::now();
+    let sampled = sample_batches(&args, &mut plan, &model)?;
+    let seconds = started.elapsed().as_secs_f64();
+    write_collected(&plan, sampled.collected)?;
+    report(
+        &sampled.written,
+        sampled.count,
+        plan.options.num_inference_steps,
+        seconds,
+    );
+    Ok(())
+}
+
+/// What the arguments ask for, checked before a model is loaded.
+struct Request {
+    spacing: Option<TimestepSpacing>,
+    sampler: Sampler,
+    steps: usize,
+    /// Where PNG files go: `-o`, or `samples/` when no other output was asked for.
+    output: Option<PathBuf>,
+    /// `-o FILE.png`: one image.
+    single_file: bool,
+}
+
+impl Request {
+    fn parse(args: &SampleArgs) -> Result<Self> {
+        let spacing = args
+            .timestep_spacing
+            .as_deref()
+            .map(TimestepSpacing::from_name)
+            .transpose()?;
+        let sampler = match args.scheduler {
+            SamplerArg::Ddim => Sampler::Ddim,
+            SamplerArg::Ddpm => Sampler::Ddpm,
+        };
+        let steps = args.steps.unwrap_or(match sampler {
+            Sampler::Ddim => 50,
+            Sampler::Ddpm => 1000,
+        });
+        if !(args.eta.is_finite() && args.eta >= 0.0) {
+            return Err(UsageError(format!(
+                "--eta {}: eta must be a finite number >= 0 (0 is deterministic DDIM, 1 has DDPM's variance)",
+                args.eta
+            ))
+            .into());
+        }
+        if args.upscale == 0 || args.upscale > 64 {
+            return Err(UsageError(format!(
+                "--upscale {}: must be between 1 and 64",
+                args.upscale
+            ))
+            .into());
+        }
+        // PNG files go where -o says, or to samples/ when no other output was asked for.
+        let output = match (&args.output, &args.grid, &args.save_tensor) {
+            (Some(path), _, _) => Some(path.clone()),
+            (None, None, None) => Some(PathBuf::from("samples")),
+            _ => None,
+        };
+        let single_file = output
+            .as_ref()
+            .and_then(|o| o.extension())
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if let Some(shard) = args.shard {
+            check_shard(args, output.as_deref(), shard, single_file)?;
+        }
+        Ok(Request {
+            spacing,
+            sampler,
+            steps,
+            output,
+            single_file,
+        })
+    }
+}
+
+/// A run ready to sample: its images, batches and options, and its outputs, claimed.
+struct Plan {
+    /// x_T from `--noise`.
+    noise: Option<Tensor>,
+    /// The run's number of images (all shards).
+    n: usize,
+    batch: usize,
+    options: SampleOptions,
+    /// The images this process samples: all n, or its shard's share.
+    range: Range<usize>,
+    /// Where PNG files go (`None`: nowhere, or the one image exists already).
+    out: Option<Output>,
+    /// Whether the folder's record equals this run's, so that existing images are kept.
+    resume: bool,
+    /// The record of single output files.
+    file_record: RunRecord,
+    /// `--grid` and `--save-tensor`, unless they exist with this run's settings.
+    grid: Option<PathBuf>,
+    save_tensor: Option<PathBuf>,
+}
+
+impl Plan {
+    /// Reads x_T, sizes the run and claims its outputs; `None` when there is nothing to do.
+    fn new(args: &SampleArgs, request: Request, model: &Model) -> Result<Option<Self>> {
+        let shape1 = pipeline::noise_shape(&model.unet, 1)?;
+        // x_T from a file, if given
+        let noise = match &args.noise {
+            Some(path) => {
+                let t = ddim::npy::read_npy_tensor(path, &model.device)
+                    .with_context(|| format!("reading --noise {}", path.display()))?;
+                common::check_noise(&t, &shape1, path)?;
+                Some(t)
+            }
+            None => None,
+        };
+        let n = count_images(args, noise.as_ref())?;
+        if let (true, Some(file)) = (request.single_file && n != 1, &request.output) {
+            return Err(UsageError(format!(
+                "--output {} names one file but {n} images are asked for: give a folder, or --grid FILE.png",
+                file.display()
+            ))
+            .into());
+        }
+        let batch = batch_size(args, n)?;
+        let options = SampleOptions {
+            sampler: request.sampler,
+            num_inference_steps: request.steps,
+            eta: args.eta,
+            use_clipped_model_output: false,
+            class_labels: args
+                .class_label
+                .map(|c| Tensor::new(&[c], &model.device))
+                .transpose()?,
+        };
+        let range = args.shard.map_or(0..n, |s| s.range(n));
+        if let Some(shard) = args.shard {
+            if range.is_empty() {
+                eprintln!(
+                    "shard {shard}: no images to sample (-n {n} is fewer than the {} shards)",
+                    shard.count
+                );
+                return Ok(None);
+            }
+            eprintln!(
+                "shard {shard}: images {} .. {} of the run's {n}",
+                range.start,
+                range.end - 1
+            );
+        }
+        let mut out = match request.output {
+            None => None,
+            Some(file) if request.single_file => Some(Output::File(file)),
+            // The name of a --noise image would not say which noise it came from, and torch
+            // noise is drawn for the whole batch: neither can resume per image, so they number
+            // after what is there.
+            Some(dir) if args.rng == RngArg::Torch || noise.is_some() => {
+                Some(Output::Numbered { dir, first: 0 })
+            }
+            Some(dir) => Some(Output::Seeded {
+                dir,
+                seed: args.seed,
+            }),
+        };
+        // Single output files (-o FILE.png, --grid, --save-tensor) each have their record
+        // beside them; one made with this run's settings already is not made again.
+        let file_record = file_record_of(args, model, &options, batch, n)?;
+        let single = match &out {
+            Some(Output::File(file)) => Some(file.clone()),
+            _ => None,
+        };
+        let files: Vec<&Path> = [&single, &args.grid, &args.save_tensor]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+        let done = crate::run_record::check_files(&files, &file_record, args.overwrite)?;
+        let is_todo = |p: &Option<PathBuf>| -> Option<PathBuf> {
+            let p = p.as_ref()?;
+            let i = files.iter().position(|f| *f == p.as_path())?;
+            (!done[i]).then(|| p.clone())
+        };
+        let (grid, save_tensor) = (is_todo(&args.grid), is_todo(&args.save_tensor));
+        if single.is_some() && is_todo(&single).is_none() {
+            out = None; // the one image exists; sampled again only for --grid or --save-tensor
+        }
+        if out.is_none() && done.iter().all(|&d| d) {
+            crate::run_record::report_nothing_to_do(&files);
+            return Ok(None);
+        }
+        let mut plan = Plan {
+            noise,
+            n,
+            batch,
+            options,
+            range,
+            out,
+            resume: false,
+            file_record,
+            grid,
+            save_tensor,
+        };
+        plan.claim_folder(args, model)?;
+        Ok(Some(plan))
+    }
+
+    /// Checks the folder's run record (and writes it when new) before anything else is
+    /// written; with the same settings the run resumes, skipping the images that exist.
+    fn claim_folder(&mut self, args: &SampleArgs, model: &Model) -> Result<()> {
+        let mut claim = None;
+        if let Some(Output::Numbered { dir, .. } | Output::Seeded { dir, .. }) = &self.out {
+            let record = record_of(args, model, &self.options, self.batch)?;
+            let (seed, shard_range) = (args.seed, self.range.clone());
+            let this_shard = move |name: &str| seeded_index(name, seed, &shard_range).is_some();
+            let removable: &dyn Fn(&str) -> bool = if args.shard.is_some() {
+                &this_shard
+            } else {
+                &Output::is_image_name
+            };
+            claim = Some(crate::run_record::claim_folder(
+                dir,
+                &record,
+                args.overwrite,
+                &Output::is_image_name,
+                removable,
+            )?);
+        }
+        if let Some(Output::Numbered { dir, first }) = &mut self.out {
+            *first = image_io::next_free_index(dir, "sample", "png")?;
+        }
+        self.resume = matches!(self.out, Some(Output::Seeded { .. })) && claim == Some(Claim::Same);
+        let Some(Output::Seeded { dir, seed }) = &self.out else {
+            return Ok(());
+        };
+        remove_leftover_temp_files(dir, *seed, &self.range)?;
+        if !self.resume {
+            return Ok(());
+        }
+        // Resume: the images that an earlier run of this command finished are skipped.
+        let existing = self.range.clone().filter(|&i| !self.must_write(i)).count();
+        let (folder, total) = (dir.display(), self.range.len());
+        if existing == 0 {
+            return Ok(());
+        }
+        if let Some(path) = &self.save_tensor {
+            return Err(UsageError(format!(
+                "--save-tensor {}: needs the model-space values of all {total} images, but \
+                 {existing} of them exist in {folder} already and would be skipped; pass \
+                 --overwrite to sample them all again, or leave out --save-tensor",
+                path.display(),
+            ))
+            .into());
+        }
+        if existing == total {
+            eprintln!(
+                "all {existing} images exist in {folder} already: nothing to sample (--overwrite \
+                 samples them again)",
+            );
+        } else {
+            eprintln!(
+                "{existing} of the {total} images exist in {folder} already (same settings, see \
+                 its {}): skipping them, sampling the other {} (--overwrite samples all again)",
+                crate::run_record::RECORD_NAME,
+                total - existing
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether image `i` is to be written: always, unless the run resumes and it exists.
+    fn must_write(&self, i: usize) -> bool {
+        match &self.out {
+            Some(out) if self.resume => !is_complete(&out.path(i)),
+            _ => true,
+        }
+    }
+
+    /// The images of batch `b` that this process owns (its shard's part of the batch).
+    fn owned(&self, b: usize) -> Range<usize> {
+        let (batch, range) = (self.batch, &self.range);
+        (b * batch).max(range.start)..(b + 1).saturating_mul(batch).min(range.end)
+    }
+
+    /// The batches to sample. Exactly n images, in batches aligned to multiples of the batch
+    /// size: batch k holds images k·B .. min((k+1)·B, n), the last one smaller when B does not
+    /// divide n. (The official DDIM code samples floor(50000 / B) full batches for FID: 49,984
+    /// of 50,000 images at B = 64.) A shard or a resumed run samples the same batches as one
+    /// uninterrupted run, whole, and writes only the images it owns that are missing. The noise
+    /// of an image depends only on (seed, i), but the UNet's float sums can depend on the
+    /// batch's shape (matrix-product blocking), so keeping the batches is what makes every file
+    /// byte-identical to the uninterrupted run's; it costs at most one batch per shard boundary
+    /// or resumed batch.
+    fn batches(&self) -> Vec<usize> {
+        (self.range.start / self.batch..self.range.end.div_ceil(self.batch))
+            .filter(|&b| self.save_tensor.is_some() || self.owned(b).any(|i| self.must_write(i)))
+            .collect()
+    }
+}
+
+/// The run's number of images: `-n`, or the --noise file's, which must agree.
+fn count_images(args: &SampleArgs, noise: Option<&Tensor>) -> Result<usize> {
+    Ok(match (noise, args.num_images) {
         (Some(t), Some(n)) if n != t.dim(0)? => {
             return Err(UsageError(format!(
                 "-n {n} disagrees with --noise, which holds {} images",
@@ -298,15 +539,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         }
         (None, Some(n)) => n,
         (None, None) => 1,
-    };
-    if let (true, Some(file)) = (single_file && n != 1, &output) {
-        return Err(UsageError(format!(
-            "--output {} names one file but {n} images are asked for: give a folder, or --grid FILE.png",
-            file.display()
-        ))
-        .into());
-    }
-    let batch = match (args.rng, args.batch_size) {
+    })
+}
+
+/// The batch size: `--batch-size` (at most n), 16 by default; with `--rng torch`, all n.
+fn batch_size(args: &SampleArgs, n: usize) -> Result<usize> {
+    Ok(match (args.rng, args.batch_size) {
         (_, Some(0)) => {
             return Err(UsageError("--batch-size 0: must be at least 1".into()).into());
         }
@@ -320,256 +558,139 @@ pub fn run(args: SampleArgs) -> Result<()> {
         (RngArg::Torch, _) => n,
         (RngArg::Default, Some(b)) => b.min(n),
         (RngArg::Default, None) => n.min(16),
-    };
-    let options = SampleOptions {
-        sampler,
-        num_inference_steps: steps,
-        eta: args.eta,
-        use_clipped_model_output: false,
-        class_labels: args
-            .class_label
-            .map(|c| Tensor::new(&[c], &model.device))
-            .transpose()?,
-    };
+    })
+}
 
-    // The images this process samples: all n, or its shard's share.
-    let range = args.shard.map_or(0..n, |s| s.range(n));
-    if let Some(shard) = args.shard {
-        if range.is_empty() {
-            eprintln!(
-                "shard {shard}: no images to sample (-n {n} is fewer than the {} shards)",
-                shard.count
-            );
-            return Ok(());
-        }
-        eprintln!(
-            "shard {shard}: images {} .. {} of the run's {n}",
-            range.start,
-            range.end - 1
-        );
-    }
-    let mut out = match output {
-        None => None,
-        Some(file) if single_file => Some(Output::File(file)),
-        // The name of a --noise image would not say which noise it came from, and torch noise
-        // is drawn for the whole batch: neither can resume per image, so they number after
-        // what is there.
-        Some(dir) if args.rng == RngArg::Torch || noise.is_some() => {
-            Some(Output::Numbered { dir, first: 0 })
-        }
-        Some(dir) => Some(Output::Seeded {
-            dir,
-            seed: args.seed,
-        }),
-    };
-    // Single output files (-o FILE.png, --grid, --save-tensor) each have their record beside
-    // them; one made with this run's settings already is not made again.
-    let file_record = file_record_of(&args, &model, &options, batch, n)?;
-    let single = match &out {
-        Some(Output::File(file)) => Some(file.clone()),
-        _ => None,
-    };
-    let files: Vec<&Path> = [&single, &args.grid, &args.save_tensor]
-        .into_iter()
-        .flatten()
-        .map(PathBuf::as_path)
-        .collect();
-    let done = crate::run_record::check_files(&files, &file_record, args.overwrite)?;
-    let is_todo = |p: &Option<PathBuf>| -> Option<PathBuf> {
-        let p = p.as_ref()?;
-        let i = files.iter().position(|f| *f == p.as_path())?;
-        (!done[i]).then(|| p.clone())
-    };
-    let (grid, save_tensor) = (is_todo(&args.grid), is_todo(&args.save_tensor));
-    if single.is_some() && is_todo(&single).is_none() {
-        out = None; // the one image exists; sampled again only for --grid or --save-tensor
-    }
-    if out.is_none() && done.iter().all(|&d| d) {
-        crate::run_record::report_nothing_to_do(&files);
-        return Ok(());
-    }
-    // The folder's run record, checked (and written when new) before anything else is.
-    let mut claim = None;
-    if let Some(Output::Numbered { dir, .. } | Output::Seeded { dir, .. }) = &out {
-        let record = record_of(&args, &model, &options, batch)?;
-        let (seed, shard_range) = (args.seed, range.clone());
-        let this_shard = move |name: &str| seeded_index(name, seed, &shard_range).is_some();
-        let removable: &dyn Fn(&str) -> bool = if args.shard.is_some() {
-            &this_shard
-        } else {
-            &Output::is_image_name
-        };
-        claim = Some(crate::run_record::claim_folder(
-            dir,
-            &record,
-            args.overwrite,
-            &Output::is_image_name,
-            removable,
-        )?);
-    }
-    if let Some(Output::Numbered { dir, first }) = &mut out {
-        *first = image_io::next_free_index(dir, "sample", "png")?;
-    }
-    let resume = matches!(out, Some(Output::Seeded { .. })) && claim == Some(Claim::Same);
-    if let Some(Output::Seeded { dir, seed }) = &out {
-        remove_leftover_temp_files(dir, *seed, &range)?;
-    }
-    let folder = out
-        .as_ref()
-        .and_then(Output::dir)
-        .map(|d| d.display().to_string())
-        .unwrap_or_default();
-    // Resume: the images that an earlier run of this command finished are skipped.
-    let existing = match (&out, resume) {
-        (Some(out), true) => range.clone().filter(|&i| is_complete(&out.path(i))).count(),
-        _ => 0,
-    };
-    if existing > 0 {
-        if let Some(path) = &save_tensor {
-            return Err(UsageError(format!(
-                "--save-tensor {}: needs the model-space values of all {} images, but {existing} \
-                 of them exist in {folder} already and would be skipped; pass --overwrite to \
-                 sample them all again, or leave out --save-tensor",
-                path.display(),
-                range.len(),
-            ))
-            .into());
-        }
-        if existing == range.len() {
-            eprintln!(
-                "all {existing} images exist in {folder} already: nothing to sample (--overwrite \
-                 samples them again)",
-            );
-        } else {
-            eprintln!(
-                "{existing} of the {} images exist in {folder} already (same settings, see its \
-                 {}): skipping them, sampling the other {} (--overwrite samples all again)",
-                range.len(),
-                crate::run_record::RECORD_NAME,
-                range.len() - existing
-            );
-        }
-    }
-    let must_write = |i: usize| match &out {
-        Some(out) if resume => !is_complete(&out.path(i)),
-        _ => true,
-    };
+/// What the batches produced.
+struct Sampled {
+    /// The PNG files written.
+    written: Vec<PathBuf>,
+    /// The images sampled (whole batches).
+    count: usize,
+    collected: Collected,
+}
 
-    // Exactly n images, in batches aligned to multiples of the batch size: batch k holds images
-    // k·B .. min((k+1)·B, n), the last one smaller when B does not divide n. (The official DDIM
-    // code samples floor(50000 / B) full batches for FID: 49,984 of 50,000 images at B = 64.)
-    // A shard or a resumed run samples the same batches as one uninterrupted run, whole, and
-    // writes only the images it owns that are missing. The noise of an image depends only on
-    // (seed, i), but the UNet's float sums can depend on the batch's shape (matrix-product
-    // blocking), so keeping the batches is what makes every file byte-identical to the
-    // uninterrupted run's; it costs at most one batch per shard boundary or resumed batch.
-    let owned =
-        |b: usize| (b * batch).max(range.start)..(b + 1).saturating_mul(batch).min(range.end);
-    let planned: Vec<usize> = (range.start / batch..range.end.div_ceil(batch))
-        .filter(|&b| save_tensor.is_some() || owned(b).any(&must_write))
-        .collect();
+/// What `--save-tensor` and `--grid` need, gathered while sampling.
+#[derive(Default)]
+struct Collected {
+    /// Each batch's rows of this process's images, model space, on the CPU.
+    tensors: Vec<Tensor>,
+    /// The images, when no PNG files are written.
+    in_memory: Vec<image::DynamicImage>,
+}
 
-    let hint = match (&out, args.overwrite) {
+/// Samples the planned batches, writing each image as it is done (atomically: stopping at any
+/// moment loses only unfinished work).
+fn sample_batches(args: &SampleArgs, plan: &mut Plan, model: &Model) -> Result<Sampled> {
+    let batches = plan.batches();
+    let hint = match (&plan.out, args.overwrite) {
         (Some(Output::Seeded { .. }), false) => "; run the same command again to sample the rest",
         (Some(Output::Seeded { .. }), true) => {
             "; run it again without --overwrite to sample the rest"
         }
         _ => "",
     };
-    // Every file is written atomically, so stopping at any moment loses only unfinished work.
     let _ = ctrlc::set_handler(move || {
         eprintln!("\ninterrupted: the image files written so far are complete{hint}");
         std::process::exit(130);
     });
-
     // The one-time weight transforms belong to the load, not to the first step's time.
-    if let (Some(&b), [_, _, h, w]) = (planned.first(), shape1) {
-        model.unet.prepare(batch.min(n - b * batch), h, w);
+    if let (Some(&b), [_, _, h, w]) = (batches.first(), pipeline::noise_shape(&model.unet, 1)?) {
+        model
+            .unet
+            .prepare(plan.batch.min(plan.n - b * plan.batch), h, w);
     }
+    let steps = plan.options.num_inference_steps;
     let bar = common::progress(
-        (planned.len() * steps) as u64,
+        (batches.len() * steps) as u64,
         args.model.quiet,
         "sampling",
         "steps",
     );
-    let started = Instant::now();
-    let mut tensors = Vec::new();
     let mut torch_gen = (args.rng == RngArg::Torch).then(|| Generator::torch(args.seed));
-    let mut written = Vec::new();
-    // The images, when no PNG files are written (for --grid).
-    let mut in_memory = Vec::new();
-    let mut sampled = 0;
-    for b in planned {
-        let own = owned(b);
+    let mut done = Sampled {
+        written: Vec::new(),
+        count: 0,
+        collected: Collected::default(),
+    };
+    for b in batches {
+        let own = plan.owned(b);
         // Checked again now: another process (a duplicate shard) may have written some.
-        let todo: Vec<usize> = own.clone().filter(|&i| must_write(i)).collect();
-        if todo.is_empty() && save_tensor.is_none() {
+        let todo: Vec<usize> = own.clone().filter(|&i| plan.must_write(i)).collect();
+        if todo.is_empty() && plan.save_tensor.is_none() {
             bar.inc(steps as u64);
             continue;
         }
-        let start = b * batch;
-        let len = batch.min(n - start);
+        let start = b * plan.batch;
+        let len = plan.batch.min(plan.n - start);
         let mut generator = match torch_gen.take() {
             Some(g) => g,
             None => Generator::per_image(args.seed, start as u64, len),
         };
         let x0 = model.sample_batch(
-            &options,
+            &plan.options,
             &mut generator,
-            noise.as_ref(),
+            plan.noise.as_ref(),
             (start, len),
             &mut || bar.inc(1),
         )?;
-        sampled += len;
+        done.count += len;
         let x0 = x0.to_dtype(DType::F32)?;
         let images = image_io::to_images(&x0)?;
         for i in todo {
             let img = image_io::upscale_nearest(&images[i - start], args.upscale)?;
-            match &out {
+            match &plan.out {
                 Some(Output::File(path)) => {
-                    crate::run_record::write_file_with_record(path, &file_record, || {
+                    crate::run_record::write_file_with_record(path, &plan.file_record, || {
                         Ok(image_io::save_png(&img, path)?)
                     })?;
-                    written.push(path.clone());
+                    done.written.push(path.clone());
                 }
                 Some(out) => {
                     let path = out.path(i);
                     image_io::save_png(&img, &path)?;
-                    written.push(path);
+                    done.written.push(path);
                 }
-                None => in_memory.push(img),
+                None => done.collected.in_memory.push(img),
             }
         }
-        if save_tensor.is_some() {
+        if plan.save_tensor.is_some() {
             let rows = x0.narrow(0, own.start - start, own.len())?;
-            tensors.push(rows.to_device(&candle_core::Device::Cpu)?);
+            done.collected
+                .tensors
+                .push(rows.to_device(&candle_core::Device::Cpu)?);
         }
     }
     bar.finish_and_clear();
-    let seconds = started.elapsed().as_secs_f64();
-    if let Some(path) = &save_tensor {
-        let all = Tensor::cat(&tensors, 0)?;
-        crate::run_record::write_file_with_record(path, &file_record, || {
+    Ok(done)
+}
+
+/// Writes `--save-tensor` and `--grid`, each with its record.
+fn write_collected(plan: &Plan, mut collected: Collected) -> Result<()> {
+    let record = &plan.file_record;
+    if let Some(path) = &plan.save_tensor {
+        let all = Tensor::cat(&collected.tensors, 0)?;
+        crate::run_record::write_file_with_record(path, record, || {
             Ok(ddim::npy::write_npy_tensor(path, &all)?)
         })?;
         eprintln!("wrote {} ({:?}, model space)", path.display(), all.dims());
     }
-    if let Some(path) = &grid {
+    if let Some(path) = &plan.grid {
         // From the files, so that images skipped on a resume are in it too.
-        let images: Vec<_> = match &out {
-            Some(out) => range
+        let images: Vec<_> = match &plan.out {
+            Some(out) => plan
+                .range
                 .clone()
                 .map(|i| image_io::open_image(&out.path(i)))
                 .collect::<ddim::Result<_>>()?,
-            None => std::mem::take(&mut in_memory),
+            None => std::mem::take(&mut collected.in_memory),
         };
         let grid_image = image_io::make_grid(&images, None, 2)?;
-        crate::run_record::write_file_with_record(path, &file_record, || {
+        crate::run_record::write_file_with_record(path, record, || {
             Ok(image_io::save_png(&grid_image, path)?)
         })?;
         eprintln!("wrote {}", path.display());
     }
-    report(&written, sampled, steps, seconds);
     Ok(())
 }
 
