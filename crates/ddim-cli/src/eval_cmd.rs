@@ -150,12 +150,42 @@ fn usage(msg: String) -> anyhow::Error {
     UsageError(msg).into()
 }
 
+/// `ddim eval`: check the grid and the model, open (or resume) the output folder, fit the real
+/// data's statistics, sample and score every cell not done yet, then write the table and plot.
 pub fn run(args: EvalArgs) -> Result<()> {
     let started = Instant::now();
     let (steps, etas) = check_grid(&args)?;
     let model = common::load_model(&args.model, None, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
-    let [_, channels, height, width] = pipeline::noise_shape(&model.unet, 1)?;
+    let [_, channels, height, _] = check_model(&model, &steps)?;
+    let real = open_real(&args.data, channels, height)?;
+    let mut cells = open_folder(&args, &model)?;
+    let evaluator = real_statistics(&real, args.k)?;
+    let todo: Vec<(f64, usize)> = etas
+        .iter()
+        .flat_map(|&eta| steps.iter().map(move |&s| (eta, s)))
+        .filter(|&(eta, s)| !cells.iter().any(|c| c.eta == eta && c.steps == s))
+        .collect();
+    let n = args.num_samples;
+    let total = todo.iter().map(|&(_, s)| (n * s) as u64).sum();
+    let bar = common::progress(total, args.model.quiet, "eval", "image-steps");
+    for (eta, s) in todo {
+        bar.set_message(format!("eta {eta}, {s} steps"));
+        let cell = sample_cell(&args, &model, &evaluator, eta, s, &bar)?;
+        cells.push(cell);
+        // Written after every cell, so an interrupted run keeps the finished cells.
+        write_csv(&args.output.join("metrics.csv"), &cells, n)?;
+    }
+    bar.finish_and_clear();
+    report(&args, &model, &real, &evaluator, cells, (etas, steps))?;
+    eprintln!("in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The model's image shape, after checking that eval can score it and take every step count.
+fn check_model(model: &common::Model, steps: &[usize]) -> Result<[usize; 4]> {
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    let [_, channels, height, width] = shape;
     if height != width {
         return Err(usage(format!(
             "the model makes {height}×{width} images; ddim eval compares square images"
@@ -172,7 +202,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     // Every step count must be one the scheduler can take, before minutes of sampling.
     let mut scheduler = DDIMScheduler::new(&model.scheduler_config)?;
-    for &s in &steps {
+    for &s in steps {
         scheduler.set_timesteps(s).map_err(|e| {
             usage(format!(
                 "--steps {s}: {e} (the model was trained with {} timesteps)",
@@ -180,14 +210,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
             ))
         })?;
     }
-    let real = open_real(&args.data, channels, height)?;
+    Ok(shape)
+}
+
+/// Claims `--output` for this run: with `--resume`, the finished cells of the run there (which
+/// must have this run's settings); otherwise an empty folder (or `--overwrite`). The record is
+/// written before the first cell.
+fn open_folder(args: &EvalArgs, model: &common::Model) -> Result<Vec<Cell>> {
     let csv_path = args.output.join("metrics.csv");
     let png_path = args.output.join("metrics.png");
     let record_path = args.output.join(RECORD_NAME);
     let legacy_path = args.output.join(LEGACY_SETTINGS);
-    let record = record_of(&args, &model)?;
+    let record = record_of(args, model)?;
     image_io::ensure_writable_dir(&args.output)?;
-    let mut cells: Vec<Cell> = if args.resume {
+    let cells: Vec<Cell> = if args.resume {
         let done = read_run(&args.output, &csv_path, &record, args.num_samples)?;
         eprintln!(
             "resuming {}: {} finished cell(s) kept",
@@ -207,13 +243,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     write_record(&record_path, &record)
         .with_context(|| format!("writing {}", record_path.display()))?;
+    Ok(cells)
+}
 
+/// The real data's statistics (and the classifier, for the built-in sets), with what they are.
+fn real_statistics(real: &Dataset, k: usize) -> Result<Evaluator> {
+    let (channels, size) = (real.channels, real.size);
     eprintln!(
-        "real: {} ({} images of {channels}×{height}×{width}); computing its statistics",
+        "real: {} ({} images of {channels}×{size}×{size}); computing its statistics",
         real.source, real.len
     );
     let stats_started = Instant::now();
-    let evaluator = Evaluator::new(&real, args.k)?;
+    let evaluator = Evaluator::new(real, k)?;
     eprintln!(
         "real statistics in {:.1} s",
         stats_started.elapsed().as_secs_f64()
@@ -233,74 +274,77 @@ pub fn run(args: EvalArgs) -> Result<()> {
             real.source
         ),
     }
+    Ok(evaluator)
+}
 
-    let n = args.num_samples;
-    let batch = args.batch_size.min(n);
-    let is_done = |cells: &[Cell], eta: f64, s: usize| -> bool {
-        cells.iter().any(|c| c.eta == eta && c.steps == s)
+/// Samples and scores one cell (η, steps): `-n` images from the same x_T as every other cell,
+/// its grid of the first batch written.
+fn sample_cell(
+    args: &EvalArgs,
+    model: &common::Model,
+    evaluator: &Evaluator,
+    eta: f64,
+    s: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Cell> {
+    let (n, batch) = (args.num_samples, args.batch_size.min(args.num_samples));
+    let cell_started = Instant::now();
+    let options = SampleOptions {
+        sampler: Sampler::Ddim,
+        num_inference_steps: s,
+        eta,
+        ..SampleOptions::default()
     };
-    let total: u64 = etas
-        .iter()
-        .flat_map(|&eta| steps.iter().map(move |&s| (eta, s)))
-        .filter(|&(eta, s)| !is_done(&cells, eta, s))
-        .map(|(_, s)| (n * s) as u64)
-        .sum();
-    let bar = common::progress(total, args.model.quiet, "eval", "image-steps");
-    for &eta in &etas {
-        for &s in &steps {
-            if is_done(&cells, eta, s) {
-                continue;
-            }
-            bar.set_message(format!("eta {eta}, {s} steps"));
-            let cell_started = Instant::now();
-            let options = SampleOptions {
-                sampler: Sampler::Ddim,
-                num_inference_steps: s,
-                eta,
-                ..SampleOptions::default()
-            };
-            let mut samples: Vec<f32> = Vec::with_capacity(n * channels * height * width);
-            let mut first_batch = None;
-            for start in (0..n).step_by(batch) {
-                let len = batch.min(n - start);
-                // The same x_T (and noise streams) for image i in every cell.
-                let mut generator = Generator::per_image(args.seed, start as u64, len);
-                let x0 = model
-                    .sample_batch(&options, &mut generator, None, (start, len), &mut || {
-                        bar.inc(len as u64)
-                    })
-                    .with_context(|| format!("at eta {eta}, {s} steps"))?;
-                let x0 = x0.to_device(&candle_core::Device::Cpu)?;
-                if first_batch.is_none() {
-                    first_batch = Some(x0.clone());
-                }
-                samples.extend(x0.flatten_all()?.to_vec1::<f32>()?);
-            }
-            let seconds = cell_started.elapsed().as_secs_f64();
-            let scoring_started = Instant::now();
-            let scores = evaluator
-                .score(&samples, n)
-                .with_context(|| format!("scoring the samples of eta {eta}, {s} steps"))?;
-            let scoring = scoring_started.elapsed().as_secs_f64();
-            if let Some(x0) = first_batch {
-                save_grid(&x0, &args.output.join(grid_name(eta, s)))?;
-            }
-            // (println on the bar would print nothing where stderr is not a terminal)
-            bar.suspend(|| eprintln!("{}", cell_line(eta, s, &scores, seconds, scoring)));
-            cells.push(Cell {
-                eta,
-                steps: s,
-                scores,
-                seconds,
-            });
-            // Written after every cell, so an interrupted run keeps the finished cells.
-            write_csv(&csv_path, &cells, n)?;
+    let mut samples: Vec<f32> = Vec::new();
+    let mut first_batch = None;
+    for start in (0..n).step_by(batch) {
+        let len = batch.min(n - start);
+        // The same x_T (and noise streams) for image i in every cell.
+        let mut generator = Generator::per_image(args.seed, start as u64, len);
+        let x0 = model
+            .sample_batch(&options, &mut generator, None, (start, len), &mut || {
+                bar.inc(len as u64)
+            })
+            .with_context(|| format!("at eta {eta}, {s} steps"))?;
+        let x0 = x0.to_device(&candle_core::Device::Cpu)?;
+        if first_batch.is_none() {
+            first_batch = Some(x0.clone());
         }
+        samples.extend(x0.flatten_all()?.to_vec1::<f32>()?);
     }
-    bar.finish_and_clear();
+    let seconds = cell_started.elapsed().as_secs_f64();
+    let scoring_started = Instant::now();
+    let scores = evaluator
+        .score(&samples, n)
+        .with_context(|| format!("scoring the samples of eta {eta}, {s} steps"))?;
+    let scoring = scoring_started.elapsed().as_secs_f64();
+    if let Some(x0) = first_batch {
+        save_grid(&x0, &args.output.join(grid_name(eta, s)))?;
+    }
+    // (println on the bar would print nothing where stderr is not a terminal)
+    bar.suspend(|| eprintln!("{}", cell_line(eta, s, &scores, seconds, scoring)));
+    Ok(Cell {
+        eta,
+        steps: s,
+        scores,
+        seconds,
+    })
+}
+
+/// Writes the folder's table (every cell, old and new, in order) and plot, and prints a table
+/// per metric.
+fn report(
+    args: &EvalArgs,
+    model: &common::Model,
+    real: &Dataset,
+    evaluator: &Evaluator,
+    mut cells: Vec<Cell>,
+    (mut etas, mut steps): (Vec<f64>, Vec<usize>),
+) -> Result<()> {
+    let n = args.num_samples;
+    let csv_path = args.output.join("metrics.csv");
+    let png_path = args.output.join("metrics.png");
     // A resumed run's table and plot show every cell of the folder, old and new.
-    let mut etas = etas;
-    let mut steps = steps;
     for c in &cells {
         if !etas.contains(&c.eta) {
             etas.push(c.eta);
@@ -314,7 +358,6 @@ pub fn run(args: EvalArgs) -> Result<()> {
     cells.sort_by(|a, b| a.eta.total_cmp(&b.eta).then(a.steps.cmp(&b.steps)));
     write_csv(&csv_path, &cells, n)?;
     write_plot(&png_path, &cells, &etas, evaluator.has_features())?;
-
     say!(
         "DDIM samples of {} against {} ({n} samples per cell, seed {}, k = {}):",
         model.source,
@@ -327,12 +370,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
             say!("\n{}", table(metric, &cells, &etas, &steps));
         }
     }
-    eprintln!(
-        "wrote {}, {} and {} sample grids in {:.1} s",
+    eprint!(
+        "wrote {}, {} and {} sample grids ",
         csv_path.display(),
         png_path.display(),
         cells.len(),
-        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
