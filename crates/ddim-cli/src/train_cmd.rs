@@ -213,27 +213,64 @@ fn config_from_args(args: &TrainArgs, data: &Dataset) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// `ddim train`: read the data, start or resume the run, train to `--steps` with checkpoints
+/// (and a checkpoint on Ctrl-C), then report.
 pub fn run(args: TrainArgs) -> Result<()> {
     if args.save_every == 0 {
         return Err(usage("--save-every 0: must be at least 1".into()));
     }
+    let device: Device = common::device(args.device)?;
+    let started = Instant::now();
+    let data = open_data(&args)?;
+    let mut trainer = start_or_resume(&args, &data, &device)?;
+    let (done, total) = (trainer.step_count(), trainer.config().steps);
+    if !args.quiet {
+        eprintln!(
+            "{}; data loaded in {:.1}s",
+            describe(&trainer, &data),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if done >= total {
+        eprintln!(
+            "{} has already trained {done} of {total} steps; pass a larger --steps to go on",
+            args.output.display(),
+        );
+        return Ok(());
+    }
+    train_loop(&args, &mut trainer, &data)?;
+    say!(
+        "trained {} steps in {:.0}s; mean loss of the last {} steps {:.5}; model saved to {}",
+        total - done,
+        started.elapsed().as_secs_f64(),
+        trainer.losses().len().min(100),
+        recent_mean(trainer.losses(), 100),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// The training images of `--data`, with a warning per file that could not be read.
+fn open_data(args: &TrainArgs) -> Result<Dataset> {
     let fit = args
         .fit
         .as_deref()
         .map(Fit::from_name)
         .transpose()?
         .unwrap_or_default();
-    let device: Device = common::device(args.device)?;
-    let state = args.output.join(train::STATE_NAME);
-
-    let started = Instant::now();
     let data = Dataset::open(&args.data, args.resolution, args.channels, fit)
         .with_context(|| format!("reading the training images of --data {}", args.data))?;
     for (path, reason) in &data.skipped {
         eprintln!("warning: skipped {}: {reason}", path.display());
     }
+    Ok(data)
+}
 
-    let mut trainer = if args.resume {
+/// A new run in an empty `--output`, or (`--resume`) the run saved there, with its own
+/// settings; either way the model must take the data's images.
+fn start_or_resume(args: &TrainArgs, data: &Dataset, device: &Device) -> Result<Trainer> {
+    let state = args.output.join(train::STATE_NAME);
+    let trainer = if args.resume {
         let flags = args.run_flags();
         if !flags.is_empty() {
             return Err(usage(format!(
@@ -249,7 +286,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 train::STATE_NAME
             )));
         }
-        let mut trainer = train::load_state(&args.output, &device)
+        let mut trainer = train::load_state(&args.output, device)
             .with_context(|| format!("resuming from {}", state.display()))?;
         if let Some(steps) = args.steps {
             trainer.set_total_steps(steps)?;
@@ -263,51 +300,42 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 args.output.display()
             )));
         }
-        let config = config_from_args(&args, &data)?;
-        Trainer::new(config, &device)?
+        let config = config_from_args(args, data)?;
+        Trainer::new(config, device)?
     };
-    let cfg = trainer.config().clone();
-    if Some((data.size, data.size)) != cfg.unet.sample_size || data.channels != cfg.unet.in_channels
-    {
+    let unet = &trainer.config().unet;
+    if Some((data.size, data.size)) != unet.sample_size || data.channels != unet.in_channels {
         return Err(usage(format!(
             "--data {}: {} channel(s) at {}×{}, but the model takes {} channel(s) at {:?}; use \
              --resolution / --channels to match",
-            args.data,
-            data.channels,
-            data.size,
-            data.size,
-            cfg.unet.in_channels,
-            cfg.unet.sample_size
+            args.data, data.channels, data.size, data.size, unet.in_channels, unet.sample_size
         )));
     }
-    let done = trainer.step_count();
-    if !args.quiet {
-        eprintln!(
-            "training {} parameters on {} images ({}, {}×{}×{}) for steps {}..{} of {} (batch {}, {}); \
-             data loaded in {:.1}s",
-            trainer.num_parameters(),
-            data.len,
-            data.source,
-            data.channels,
-            data.size,
-            data.size,
-            done + 1,
-            cfg.steps,
-            cfg.steps,
-            cfg.batch_size,
-            cfg.scheduler.prediction_type.name(),
-            started.elapsed().as_secs_f64()
-        );
-    }
-    if done >= cfg.steps {
-        eprintln!(
-            "{} has already trained {done} of {} steps; pass a larger --steps to go on",
-            args.output.display(),
-            cfg.steps
-        );
-        return Ok(());
-    }
+    Ok(trainer)
+}
 
+/// What the run trains, on what, for which steps.
+fn describe(trainer: &Trainer, data: &Dataset) -> String {
+    let cfg = trainer.config();
+    format!(
+        "training {} parameters on {} images ({}, {}×{}×{}) for steps {}..{} of {} (batch {}, {})",
+        trainer.num_parameters(),
+        data.len,
+        data.source,
+        data.channels,
+        data.size,
+        data.size,
+        trainer.step_count() + 1,
+        cfg.steps,
+        cfg.steps,
+        cfg.batch_size,
+        cfg.scheduler.prediction_type.name(),
+    )
+}
+
+/// Trains to the configured step count: a checkpoint every `--save-every` steps, at the end,
+/// and on Ctrl-C (then exit 130); a sample grid every `--sample-every` steps.
+fn train_loop(args: &TrainArgs, trainer: &mut Trainer, data: &Dataset) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -319,15 +347,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         });
     }
-
-    let bar = common::progress(cfg.steps, args.quiet, "train", "steps");
-    bar.set_position(done);
+    let (total, batch) = (trainer.config().steps, trainer.config().batch_size as u64);
+    let bar = common::progress(total, args.quiet, "train", "steps");
+    bar.set_position(trainer.step_count());
     bar.reset_eta();
     let mut window = Instant::now();
     let mut window_steps = 0u64;
     let mut images_per_s = 0.0;
-    while trainer.step_count() < cfg.steps {
-        let stats = match trainer.step(&data) {
+    while trainer.step_count() < total {
+        let stats = match trainer.step(data) {
             Ok(s) => s,
             Err(err @ ddim::Error::Diverged { .. }) => {
                 bar.abandon();
@@ -341,7 +369,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         window_steps += 1;
         let elapsed = window.elapsed().as_secs_f64();
         if elapsed > 2.0 {
-            images_per_s = (window_steps * cfg.batch_size as u64) as f64 / elapsed;
+            images_per_s = (window_steps * batch) as f64 / elapsed;
             window = Instant::now();
             window_steps = 0;
         }
@@ -352,13 +380,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ));
         let step = stats.step;
         let stop = interrupted.load(Ordering::SeqCst);
-        if step % args.save_every == 0 || step == cfg.steps || stop {
-            save(&trainer, &args.output)?;
+        if step % args.save_every == 0 || step == total || stop {
+            save(trainer, &args.output)?;
             if bar.is_hidden() && !args.quiet {
                 // No terminal for the bar (a log file): one line per checkpoint instead.
                 eprintln!(
-                    "step {step}/{}: loss {:.4} (mean of the last {} steps {:.4}), {:.1} img/s, lr {:.2e}, saved",
-                    cfg.steps,
+                    "step {step}/{total}: loss {:.4} (mean of the last {} steps {:.4}), {:.1} img/s, lr {:.2e}, saved",
                     stats.loss,
                     args.save_every.min(step),
                     recent_mean(trainer.losses(), args.save_every as usize),
@@ -368,27 +395,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         }
         if args.sample_every > 0 && step % args.sample_every == 0 {
-            sample_grid(&trainer, &args.output, step)?;
+            sample_grid(trainer, &args.output, step)?;
         }
         if stop {
             bar.abandon();
             eprintln!(
-                "interrupted: saved step {step} of {} to {}; continue with the same command and --resume",
-                cfg.steps,
+                "interrupted: saved step {step} of {total} to {}; continue with the same command and --resume",
                 args.output.display()
             );
             std::process::exit(130);
         }
     }
     bar.finish();
-    say!(
-        "trained {} steps in {:.0}s; mean loss of the last {} steps {:.5}; model saved to {}",
-        cfg.steps - done,
-        started.elapsed().as_secs_f64(),
-        trainer.losses().len().min(100),
-        recent_mean(trainer.losses(), 100),
-        args.output.display()
-    );
     Ok(())
 }
 
