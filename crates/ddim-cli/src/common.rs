@@ -377,6 +377,26 @@ pub fn progress(total: u64, quiet: bool, what: &str, unit: &str) -> ProgressBar 
     bar
 }
 
+/// `--eta`: a finite number >= 0.
+pub fn check_eta(eta: f64) -> Result<()> {
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(UsageError(format!(
+            "--eta {eta}: eta must be a finite number >= 0 (0 is deterministic DDIM, 1 has \
+             DDPM's variance)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// `--upscale`: 1 to 64.
+pub fn check_upscale(upscale: u32) -> Result<()> {
+    if upscale == 0 || upscale > 64 {
+        return Err(UsageError(format!("--upscale {upscale}: must be between 1 and 64")).into());
+    }
+    Ok(())
+}
+
 /// Checks that a loaded x_T has the model's image shape and only finite values.
 pub fn check_noise(noise: &Tensor, expected: &[usize], path: &Path) -> Result<()> {
     let dims = noise.dims();

@@ -55,7 +55,38 @@ pub struct InterpolateArgs {
     pub overwrite: bool,
 }
 
+/// `ddim interpolate`: DDIM (η = 0) samples of the noise along the great circle between two
+/// seeds' x_T, as one grid row or a GIF, with its record beside it.
 pub fn run(args: InterpolateArgs) -> Result<()> {
+    let gif = check_args(&args)?;
+    let spacing = args
+        .timestep_spacing
+        .as_deref()
+        .map(TimestepSpacing::from_name)
+        .transpose()?;
+    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
+    let record = record_of(&args, &model, gif)?;
+    if run_record::check_files(&[&args.output], &record, args.overwrite)?[0] {
+        run_record::report_nothing_to_do(&[&args.output]);
+        return Ok(());
+    }
+    let frames = sample_frames(&args, &model)?;
+    run_record::write_file_with_record(&args.output, &record, || {
+        if gif {
+            image_io::save_gif(&frames, &args.output, args.frame_ms, true)?;
+        } else {
+            let grid = image_io::make_grid(&frames, Some(frames.len()), 2)?;
+            image_io::save_png(&grid, &args.output)?;
+        }
+        Ok(())
+    })?;
+    eprintln!("wrote {} ({} frames)", args.output.display(), frames.len());
+    Ok(())
+}
+
+/// Whether the output is a GIF (else a PNG row), after checking the arguments.
+fn check_args(args: &InterpolateArgs) -> Result<bool> {
     let ext = args
         .output
         .extension()
@@ -78,25 +109,12 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         ))
         .into());
     }
-    if args.upscale == 0 || args.upscale > 64 {
-        return Err(UsageError(format!(
-            "--upscale {}: must be between 1 and 64",
-            args.upscale
-        ))
-        .into());
-    }
-    let spacing = args
-        .timestep_spacing
-        .as_deref()
-        .map(TimestepSpacing::from_name)
-        .transpose()?;
-    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
-    model.check_scheduler_class()?;
-    let record = record_of(&args, &model, gif)?;
-    if run_record::check_files(&[&args.output], &record, args.overwrite)?[0] {
-        run_record::report_nothing_to_do(&[&args.output]);
-        return Ok(());
-    }
+    common::check_upscale(args.upscale)?;
+    Ok(gif)
+}
+
+/// The frames, sampled in batches of 16 (upscaled).
+fn sample_frames(args: &InterpolateArgs, model: &Model) -> Result<Vec<image::DynamicImage>> {
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let end = |seed| match args.rng {
         RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),
@@ -137,17 +155,7 @@ pub fn run(args: InterpolateArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    run_record::write_file_with_record(&args.output, &record, || {
-        if gif {
-            image_io::save_gif(&frames, &args.output, args.frame_ms, true)?;
-        } else {
-            let grid = image_io::make_grid(&frames, Some(frames.len()), 2)?;
-            image_io::save_png(&grid, &args.output)?;
-        }
-        Ok(())
-    })?;
-    eprintln!("wrote {} ({} frames)", args.output.display(), frames.len());
-    Ok(())
+    Ok(frames)
 }
 
 /// The record of an interpolation: what decides its frames (DDIM at η = 0 draws no noise beyond

@@ -46,6 +46,8 @@ pub struct InvertArgs {
     pub overwrite: bool,
 }
 
+/// `ddim invert`: check the outputs against their records, read x_0, run DDIM inversion to x_T
+/// and write it; with `--reconstruct`, decode x_T back and report the error.
 pub fn run(args: InvertArgs) -> Result<()> {
     let spacing = args
         .timestep_spacing
@@ -65,24 +67,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         run_record::report_nothing_to_do(&outputs);
         return Ok(());
     }
-    let shape = pipeline::noise_shape(&model.unet, 1)?;
-    let is_npy = args
-        .input
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
-    let x0 = if is_npy {
-        let t = ddim::npy::read_npy_tensor(&args.input, &model.device)
-            .with_context(|| format!("reading --input {}", args.input.display()))?;
-        common::check_noise(&t, &shape, &args.input)?;
-        t
-    } else {
-        image_io::load_image(
-            &args.input,
-            shape[1],
-            Some((shape[3] as u32, shape[2] as u32)),
-        )?
-        .to_device(&model.device)?
-    };
+    let x0 = read_input(&args, &model)?;
     let labels = args
         .class_label
         .map(|c| Tensor::new(&[c], &model.device))
@@ -106,50 +91,12 @@ pub fn run(args: InvertArgs) -> Result<()> {
         })?;
         eprintln!("wrote {} ({:?})", args.save_tensor.display(), x_t.dims());
     }
-
     if let Some(out) = args.reconstruct.as_ref().filter(|_| !done[1]) {
-        let bar = common::progress(
-            args.steps as u64,
-            args.model.quiet,
-            "reconstructing",
-            "steps",
-        );
-        let options = SampleOptions {
-            num_inference_steps: args.steps,
-            ..Default::default()
-        };
-        // DDIM at η = 0 draws no noise: no generator.
-        let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
-        let x = pipeline::denoise(
-            &model.unet,
-            scheduler.as_mut(),
-            x_t,
-            labels.as_ref(),
-            None,
-            &mut |_| {
-                bar.inc(1);
-                Ok(())
-            },
-        )?;
-        bar.finish_and_clear();
+        let x = reconstruct(&args, &model, x_t, labels.as_ref())?;
         if let Some(img) = image_io::to_images(&x)?.first() {
             run_record::write_file_with_record(out, &record, || Ok(image_io::save_png(img, out)?))?;
         }
-        // Errors on the [0, 1] image scale, as diffusers' output.
-        let to01 = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.to_dtype(DType::F32)?
-                .affine(0.5, 0.5)?
-                .clamp(0f32, 1f32)?)
-        };
-        let mse = (to01(&x)? - to01(&x0)?)?
-            .sqr()?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
-        let psnr = if mse > 0.0 {
-            10.0 * (1.0 / mse).log10()
-        } else {
-            f64::INFINITY
-        };
+        let (mse, psnr) = image_error(&x, &x0)?;
         say!(
             "reconstruction: MSE {mse:.6e}, PSNR {psnr:.2} dB ({} steps)",
             args.steps
@@ -157,6 +104,81 @@ pub fn run(args: InvertArgs) -> Result<()> {
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// x_0 from `--input`: an image (resized to the model's size) or a model-space `.npy`.
+fn read_input(args: &InvertArgs, model: &Model) -> Result<Tensor> {
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    let is_npy = args
+        .input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    Ok(if is_npy {
+        let t = ddim::npy::read_npy_tensor(&args.input, &model.device)
+            .with_context(|| format!("reading --input {}", args.input.display()))?;
+        common::check_noise(&t, &shape, &args.input)?;
+        t
+    } else {
+        image_io::load_image(
+            &args.input,
+            shape[1],
+            Some((shape[3] as u32, shape[2] as u32)),
+        )?
+        .to_device(&model.device)?
+    })
+}
+
+/// x_T decoded back with DDIM at η = 0 and the same steps.
+fn reconstruct(
+    args: &InvertArgs,
+    model: &Model,
+    x_t: Tensor,
+    labels: Option<&Tensor>,
+) -> Result<Tensor> {
+    let bar = common::progress(
+        args.steps as u64,
+        args.model.quiet,
+        "reconstructing",
+        "steps",
+    );
+    let options = SampleOptions {
+        num_inference_steps: args.steps,
+        ..Default::default()
+    };
+    // DDIM at η = 0 draws no noise: no generator.
+    let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
+    let x = pipeline::denoise(
+        &model.unet,
+        scheduler.as_mut(),
+        x_t,
+        labels,
+        None,
+        &mut |_| {
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    Ok(x)
+}
+
+/// MSE and PSNR of `x` against `x0` on the [0, 1] image scale, as diffusers' output.
+fn image_error(x: &Tensor, x0: &Tensor) -> Result<(f64, f64)> {
+    let to01 = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?
+            .affine(0.5, 0.5)?
+            .clamp(0f32, 1f32)?)
+    };
+    let mse = (to01(x)? - to01(x0)?)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f32>()? as f64;
+    let psnr = if mse > 0.0 {
+        10.0 * (1.0 / mse).log10()
+    } else {
+        f64::INFINITY
+    };
+    Ok((mse, psnr))
 }
 
 /// The record of an inversion: what decides x_T and its reconstruction. DDIM inversion is

@@ -268,20 +268,8 @@ impl Request {
             Sampler::Ddim => 50,
             Sampler::Ddpm => 1000,
         });
-        if !(args.eta.is_finite() && args.eta >= 0.0) {
-            return Err(UsageError(format!(
-                "--eta {}: eta must be a finite number >= 0 (0 is deterministic DDIM, 1 has DDPM's variance)",
-                args.eta
-            ))
-            .into());
-        }
-        if args.upscale == 0 || args.upscale > 64 {
-            return Err(UsageError(format!(
-                "--upscale {}: must be between 1 and 64",
-                args.upscale
-            ))
-            .into());
-        }
+        common::check_eta(args.eta)?;
+        common::check_upscale(args.upscale)?;
         // PNG files go where -o says, or to samples/ when no other output was asked for.
         let output = match (&args.output, &args.grid, &args.save_tensor) {
             (Some(path), _, _) => Some(path.clone()),

@@ -11,7 +11,6 @@ use ddim::scheduler::{
 };
 
 use crate::common;
-use crate::UsageError;
 
 /// Which scheduler's schedule to print.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -53,7 +52,41 @@ pub struct ScheduleArgs {
     overwrite: bool,
 }
 
+/// `ddim schedule`: print (or save) a scheduler's timesteps with ᾱ and σ at each.
 pub fn run(args: ScheduleArgs) -> Result<()> {
+    let config = read_config(&args)?;
+    common::check_eta(args.eta)?;
+    if let Some(path) = &args.save_config {
+        common::refuse_existing(path, args.overwrite)?;
+        let kind = match args.scheduler {
+            Which::Ddim => SchedulerKind::Ddim,
+            Which::Ddpm => SchedulerKind::Ddpm,
+            Which::DdimInverse => SchedulerKind::DdimInverse,
+        };
+        config.save(kind, path)?;
+        eprintln!("wrote {} ({})", path.display(), kind.class_name());
+    }
+    let rows = rows(&args, &config)?;
+    let other = match args.scheduler {
+        Which::DdimInverse => "from",
+        _ => "next",
+    };
+    if args.json {
+        let items: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|&(t, a, p, ap, sigma)| {
+                serde_json::json!({"t": t, "alpha_bar": a, other: p, format!("alpha_bar_{other}"): ap, "sigma": sigma})
+            })
+            .collect();
+        say!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        print_table(&args, &config, &rows, other);
+    }
+    Ok(())
+}
+
+/// `--config`, or diffusers' defaults, with `--timestep-spacing` applied.
+fn read_config(args: &ScheduleArgs) -> Result<SchedulerConfig> {
     let mut config = match &args.config {
         Some(path) => {
             let loaded = SchedulerConfig::from_file(path)
@@ -68,27 +101,18 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
     if let Some(s) = &args.timestep_spacing {
         config.timestep_spacing = TimestepSpacing::from_name(s)?;
     }
-    if !(args.eta.is_finite() && args.eta >= 0.0) {
-        return Err(UsageError(format!(
-            "--eta {} is not allowed: eta must be a finite number >= 0",
-            args.eta
-        ))
-        .into());
-    }
-    if let Some(path) = &args.save_config {
-        common::refuse_existing(path, args.overwrite)?;
-        let kind = match args.scheduler {
-            Which::Ddim => SchedulerKind::Ddim,
-            Which::Ddpm => SchedulerKind::Ddpm,
-            Which::DdimInverse => SchedulerKind::DdimInverse,
-        };
-        config.save(kind, path)?;
-        eprintln!("wrote {} ({})", path.display(), kind.class_name());
-    }
-    // (t, ᾱ_t, the next timestep, ᾱ there, σ_t)
-    let rows: Vec<(usize, f32, Option<usize>, f32, f32)> = match args.scheduler {
+    Ok(config)
+}
+
+/// A step of the schedule: (t, ᾱ_t, the next timestep (inverse: the one it comes from), ᾱ
+/// there, σ_t).
+type Row = (usize, f32, Option<usize>, f32, f32);
+
+/// Every step of the chosen scheduler.
+fn rows(args: &ScheduleArgs, config: &SchedulerConfig) -> Result<Vec<Row>> {
+    Ok(match args.scheduler {
         Which::Ddim => {
-            let mut s = DDIMScheduler::new(&config)?;
+            let mut s = DDIMScheduler::new(config)?;
             s.set_timesteps(args.steps)?;
             let ac = s.alphas_cumprod();
             s.timesteps()
@@ -102,7 +126,7 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
                 .collect::<ddim::Result<_>>()?
         }
         Which::Ddpm => {
-            let mut s = DDPMScheduler::new(&config)?;
+            let mut s = DDPMScheduler::new(config)?;
             s.set_timesteps(args.steps)?;
             let ac = s.alphas_cumprod();
             s.timesteps()
@@ -116,7 +140,7 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
                 .collect::<ddim::Result<_>>()?
         }
         Which::DdimInverse => {
-            let mut s = DDIMInverseScheduler::new(&config)?;
+            let mut s = DDIMInverseScheduler::new(config)?;
             s.set_timesteps(args.steps)?;
             let ac = s.alphas_cumprod();
             s.timesteps()
@@ -128,21 +152,11 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
                 })
                 .collect::<ddim::Result<_>>()?
         }
-    };
-    let other = match args.scheduler {
-        Which::DdimInverse => "from",
-        _ => "next",
-    };
-    if args.json {
-        let items: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|&(t, a, p, ap, sigma)| {
-                serde_json::json!({"t": t, "alpha_bar": a, other: p, format!("alpha_bar_{other}"): ap, "sigma": sigma})
-            })
-            .collect();
-        say!("{}", serde_json::to_string_pretty(&items)?);
-        return Ok(());
-    }
+    })
+}
+
+/// The schedule as an aligned table.
+fn print_table(args: &ScheduleArgs, config: &SchedulerConfig, rows: &[Row], other: &str) {
     let pred = match config.prediction_type {
         PredictionType::Epsilon => "epsilon",
         PredictionType::Sample => "sample",
@@ -169,5 +183,4 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
         let p = p.map_or("-".to_string(), |p| p.to_string());
         say!("{i:>5} {t:>6} {a:>12.8} {p:>6} {ap:>12.8} {sigma:>10.6}");
     }
-    Ok(())
 }
