@@ -171,6 +171,15 @@ pub fn model_dir(spec: &str, quiet: bool) -> Result<PathBuf> {
     Ok(ddim::hub::resolve_model_with(spec, &options)?)
 }
 
+/// The model a sampling command runs: `--timestep-spacing` (if given) applied to its scheduler
+/// config, in `--dtype`, its scheduler class one ddim implements.
+pub fn open_model(args: &ModelArgs, spacing: Option<&str>, compute: &ComputeArgs) -> Result<Model> {
+    let spacing = spacing.map(TimestepSpacing::from_name).transpose()?;
+    let model = load_model(args, spacing, compute.dtype.dtype())?;
+    model.check_scheduler_class()?;
+    Ok(model)
+}
+
 /// Loads the UNet in `dtype` and the folder's scheduler config, warning about keys we do not
 /// know.
 pub fn load_model(

@@ -7,7 +7,6 @@ use anyhow::Result;
 use clap::Args;
 use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
-use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ComputeArgs, Model, ModelArgs};
 use crate::run_record::{self, RunRecord};
@@ -59,13 +58,7 @@ pub struct InterpolateArgs {
 /// seeds' x_T, as one grid row or a GIF, with its record beside it.
 pub fn run(args: InterpolateArgs) -> Result<()> {
     let gif = check_args(&args)?;
-    let spacing = args
-        .timestep_spacing
-        .as_deref()
-        .map(TimestepSpacing::from_name)
-        .transpose()?;
-    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
-    model.check_scheduler_class()?;
+    let model = common::open_model(&args.model, args.timestep_spacing.as_deref(), &args.compute)?;
     let record = record_of(&args, &model, gif)?;
     if run_record::check_files(&[&args.output], &record, args.overwrite)?[0] {
         run_record::report_nothing_to_do(&[&args.output]);

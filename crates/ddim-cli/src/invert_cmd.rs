@@ -8,7 +8,6 @@ use candle_core::{DType, Tensor};
 use clap::Args;
 use ddim::image_io;
 use ddim::pipeline::{self, SampleOptions};
-use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ComputeArgs, Model, ModelArgs};
 use crate::run_record::{self, RunRecord};
@@ -49,13 +48,7 @@ pub struct InvertArgs {
 /// `ddim invert`: check the outputs against their records, read x_0, run DDIM inversion to x_T
 /// and write it; with `--reconstruct`, decode x_T back and report the error.
 pub fn run(args: InvertArgs) -> Result<()> {
-    let spacing = args
-        .timestep_spacing
-        .as_deref()
-        .map(TimestepSpacing::from_name)
-        .transpose()?;
-    let model = common::load_model(&args.model, spacing, args.compute.dtype.dtype())?;
-    model.check_scheduler_class()?;
+    let model = common::open_model(&args.model, args.timestep_spacing.as_deref(), &args.compute)?;
     let outputs: Vec<&std::path::Path> = [Some(&args.save_tensor), args.reconstruct.as_ref()]
         .into_iter()
         .flatten()
