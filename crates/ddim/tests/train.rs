@@ -200,3 +200,32 @@ fn parameter_count_and_huge_configs() {
         "{text}"
     );
 }
+
+/// The training config a checkpoint stores reads back to itself, for both EMA kinds and with
+/// or without clipping; a missing key is an error that names it.
+#[test]
+fn stored_training_configs_read_back() {
+    use ddim::train::{EmaDecay, TrainConfig};
+    let mut a = tiny_config(5);
+    a.ema = EmaDecay::Fixed(0.99);
+    a.max_grad_norm = None;
+    let mut b = tiny_config(6);
+    b.ema = EmaDecay::Warmup {
+        max: 0.999,
+        inv_gamma: 2.0,
+        power: 0.5,
+    };
+    b.max_grad_norm = Some(0.5);
+    for mut cfg in [a, b] {
+        let json = cfg.to_json();
+        let back = TrainConfig::from_json(&json).unwrap();
+        assert_eq!(back.to_json(), json);
+        // the scheduler config is stored as diffusers writes a DDPM one, its class named
+        cfg.scheduler.class_name = Some("DDPMScheduler".into());
+        assert_eq!(back, cfg);
+    }
+    let mut broken = tiny_config(1).to_json();
+    broken.as_object_mut().unwrap().remove("adam_beta2");
+    let err = TrainConfig::from_json(&broken).unwrap_err().to_string();
+    assert!(err.contains("adam_beta2"), "{err}");
+}

@@ -170,9 +170,9 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The config as JSON (stored in the training state).
+    /// The config as JSON (stored in the training state; [`StoredConfig`] names its keys).
     pub fn to_json(&self) -> serde_json::Value {
-        let (ema_kind, ema_max, inv_gamma, power) = match self.ema {
+        let (ema, ema_max_decay, ema_inv_gamma, ema_power) = match self.ema {
             EmaDecay::Fixed(d) => ("fixed", d, 1.0, 0.75),
             EmaDecay::Warmup {
                 max,
@@ -180,90 +180,97 @@ impl TrainConfig {
                 power,
             } => ("warmup", max, inv_gamma, power),
         };
-        serde_json::json!({
-            "unet": self.unet.to_json(),
-            "scheduler": self.scheduler.to_json(crate::scheduler::SchedulerKind::Ddpm),
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "lr": self.adamw.lr,
-            "adam_beta1": self.adamw.beta1,
-            "adam_beta2": self.adamw.beta2,
-            "adam_epsilon": self.adamw.eps,
-            "adam_weight_decay": self.adamw.weight_decay,
-            "lr_scheduler": self.lr_schedule.name(),
-            "lr_warmup_steps": self.warmup_steps,
-            "max_grad_norm": self.max_grad_norm,
-            "ema": ema_kind,
-            "ema_max_decay": ema_max,
-            "ema_inv_gamma": inv_gamma,
-            "ema_power": power,
-            "seed": self.seed,
-            "random_flip": self.random_flip,
-        })
+        let stored = StoredConfig {
+            unet: self.unet.to_json(),
+            scheduler: self
+                .scheduler
+                .to_json(crate::scheduler::SchedulerKind::Ddpm),
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.adamw.lr,
+            adam_beta1: self.adamw.beta1,
+            adam_beta2: self.adamw.beta2,
+            adam_epsilon: self.adamw.eps,
+            adam_weight_decay: self.adamw.weight_decay,
+            lr_scheduler: self.lr_schedule.name().to_string(),
+            lr_warmup_steps: self.warmup_steps,
+            max_grad_norm: self.max_grad_norm,
+            ema: ema.to_string(),
+            ema_max_decay,
+            ema_inv_gamma,
+            ema_power,
+            seed: self.seed,
+            random_flip: self.random_flip,
+        };
+        serde_json::to_value(stored).expect("a training config serialises")
     }
 
     /// Reads what [`TrainConfig::to_json`] wrote.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let bad =
-            |key: &str| Error::config(key, "missing or malformed", "the value a checkpoint stores");
-        let f = |key: &str| {
-            value
-                .get(key)
-                .and_then(|v| v.as_f64())
-                .ok_or_else(|| bad(key))
-        };
-        let u = |key: &str| {
-            value
-                .get(key)
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| bad(key))
-        };
-        let unet_json = value.get("unet").ok_or_else(|| bad("unet"))?.to_string();
-        let (unet, _) = UNet2DConfig::from_json_str(&unet_json)?;
-        let sched_json = value
-            .get("scheduler")
-            .ok_or_else(|| bad("scheduler"))?
-            .to_string();
-        let scheduler = SchedulerConfig::from_json_str(&sched_json)?.config;
-        let ema_max = f("ema_max_decay")?;
-        let ema = match value.get("ema").and_then(|v| v.as_str()) {
-            Some("fixed") => EmaDecay::Fixed(ema_max),
-            Some("warmup") => EmaDecay::Warmup {
-                max: ema_max,
-                inv_gamma: f("ema_inv_gamma")?,
-                power: f("ema_power")?,
+        let stored: StoredConfig = serde_json::from_value(value.clone()).map_err(|e| {
+            Error::config(
+                "training config",
+                "missing or malformed",
+                format!("the keys a checkpoint stores ({e})"),
+            )
+        })?;
+        let (unet, _) = UNet2DConfig::from_json_str(&stored.unet.to_string())?;
+        let scheduler = SchedulerConfig::from_json_str(&stored.scheduler.to_string())?.config;
+        let ema = match stored.ema.as_str() {
+            "fixed" => EmaDecay::Fixed(stored.ema_max_decay),
+            "warmup" => EmaDecay::Warmup {
+                max: stored.ema_max_decay,
+                inv_gamma: stored.ema_inv_gamma,
+                power: stored.ema_power,
             },
-            _ => return Err(bad("ema")),
+            other => return Err(Error::config("ema", other, "fixed or warmup")),
         };
-        let lr_schedule = LrSchedule::from_name(
-            value
-                .get("lr_scheduler")
-                .and_then(|v| v.as_str())
-                .ok_or_else(|| bad("lr_scheduler"))?,
-        )?;
         Ok(TrainConfig {
             unet,
             scheduler,
-            steps: u("steps")?,
-            batch_size: u("batch_size")? as usize,
+            steps: stored.steps,
+            batch_size: stored.batch_size,
             adamw: AdamWConfig {
-                lr: f("lr")?,
-                beta1: f("adam_beta1")?,
-                beta2: f("adam_beta2")?,
-                eps: f("adam_epsilon")?,
-                weight_decay: f("adam_weight_decay")?,
+                lr: stored.lr,
+                beta1: stored.adam_beta1,
+                beta2: stored.adam_beta2,
+                eps: stored.adam_epsilon,
+                weight_decay: stored.adam_weight_decay,
             },
-            lr_schedule,
-            warmup_steps: u("lr_warmup_steps")?,
-            max_grad_norm: value.get("max_grad_norm").and_then(|v| v.as_f64()),
+            lr_schedule: LrSchedule::from_name(&stored.lr_scheduler)?,
+            warmup_steps: stored.lr_warmup_steps,
+            max_grad_norm: stored.max_grad_norm,
             ema,
-            seed: u("seed")?,
-            random_flip: value
-                .get("random_flip")
-                .and_then(|v| v.as_bool())
-                .ok_or_else(|| bad("random_flip"))?,
+            seed: stored.seed,
+            random_flip: stored.random_flip,
         })
     }
+}
+
+/// A [`TrainConfig`] as the training state stores it: the keys of diffusers'
+/// `train_unconditional.py` arguments where it has them (`lr_scheduler`, `lr_warmup_steps`,
+/// `adam_*`, `ema_*`, `random_flip`), the UNet and scheduler configs in diffusers' format.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredConfig {
+    unet: serde_json::Value,
+    scheduler: serde_json::Value,
+    steps: u64,
+    batch_size: usize,
+    lr: f64,
+    adam_beta1: f64,
+    adam_beta2: f64,
+    adam_epsilon: f64,
+    adam_weight_decay: f64,
+    lr_scheduler: String,
+    lr_warmup_steps: u64,
+    max_grad_norm: Option<f64>,
+    /// `fixed` or `warmup`.
+    ema: String,
+    ema_max_decay: f64,
+    ema_inv_gamma: f64,
+    ema_power: f64,
+    seed: u64,
+    random_flip: bool,
 }
 
 /// The named UNet configs `ddim train --preset` offers, for `channels`-channel images of
