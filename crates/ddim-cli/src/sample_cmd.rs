@@ -307,6 +307,8 @@ struct Plan {
     out: Option<Output>,
     /// Whether the folder's record equals this run's, so that existing images are kept.
     resume: bool,
+    /// The record of a folder output.
+    folder_record: RunRecord,
     /// The record of single output files.
     file_record: RunRecord,
     /// `--grid` and `--save-tensor`, unless they exist with this run's settings.
@@ -378,7 +380,9 @@ impl Plan {
         };
         // Single output files (-o FILE.png, --grid, --save-tensor) each have their record
         // beside them; one made with this run's settings already is not made again.
-        let file_record = file_record_of(args, model, &options, batch, n)?;
+        // The model is hashed once: the file record is the folder record and more.
+        let folder_record = record_of(args, model, &options, batch)?;
+        let file_record = file_record_of(args, folder_record.clone(), n)?;
         let single = match &out {
             Some(Output::File(file)) => Some(file.clone()),
             _ => None,
@@ -410,20 +414,21 @@ impl Plan {
             range,
             out,
             resume: false,
+            folder_record,
             file_record,
             grid,
             save_tensor,
         };
-        plan.claim_folder(args, model)?;
+        plan.claim_folder(args)?;
         Ok(Some(plan))
     }
 
     /// Checks the folder's run record (and writes it when new) before anything else is
     /// written; with the same settings the run resumes, skipping the images that exist.
-    fn claim_folder(&mut self, args: &SampleArgs, model: &Model) -> Result<()> {
+    fn claim_folder(&mut self, args: &SampleArgs) -> Result<()> {
         let mut claim = None;
         if let Some(Output::Numbered { dir, .. } | Output::Seeded { dir, .. }) = &self.out {
-            let record = record_of(args, model, &self.options, self.batch)?;
+            let record = &self.folder_record;
             let (seed, shard_range) = (args.seed, self.range.clone());
             let this_shard = move |name: &str| seeded_index(name, seed, &shard_range).is_some();
             let removable: &dyn Fn(&str) -> bool = if args.shard.is_some() {
@@ -433,7 +438,7 @@ impl Plan {
             };
             claim = Some(crate::run_record::claim_folder(
                 dir,
-                &record,
+                record,
                 args.overwrite,
                 &Output::is_image_name,
                 removable,
@@ -719,14 +724,7 @@ fn record_of(
 /// The run record of a single output file (-o FILE.png, --grid, --save-tensor): the folder's
 /// settings, and what a folder keeps in its file names: the seed, the number of images and the
 /// --noise file's bytes.
-fn file_record_of(
-    args: &SampleArgs,
-    model: &Model,
-    options: &SampleOptions,
-    batch: usize,
-    n: usize,
-) -> Result<RunRecord> {
-    let mut r = record_of(args, model, options, batch)?;
+fn file_record_of(args: &SampleArgs, mut r: RunRecord, n: usize) -> Result<RunRecord> {
     r.set("num_images", n);
     match &args.noise {
         Some(path) => r.set(
