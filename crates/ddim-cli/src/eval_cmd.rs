@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddim::eval::{Evaluator, Scores};
 use ddim::image_io;
-use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
+use ddim::pipeline::{self, Generator, SampleOptions};
 use ddim::scheduler::DDIMScheduler;
 use ddim::train::{Dataset, Fit, BUILTIN_DATASETS};
 
@@ -290,7 +290,7 @@ fn sample_cell(
     let (n, batch) = (args.num_samples, args.batch_size.min(args.num_samples));
     let cell_started = Instant::now();
     let options = SampleOptions {
-        sampler: Sampler::Ddim,
+        sampler: SchedulerKind::Ddim,
         num_inference_steps: s,
         eta,
         ..SampleOptions::default()

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use ddim::image_io;
-use ddim::pipeline::{self, Generator, SampleOptions, Sampler};
+use ddim::pipeline::{self, Generator, SampleOptions};
+use ddim::scheduler::SchedulerKind;
 use ddim::scheduler::TimestepSpacing;
 
 use crate::common::{self, ComputeArgs, Model, ModelArgs};
@@ -245,7 +246,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
 /// What the arguments ask for, checked before a model is loaded.
 struct Request {
     spacing: Option<TimestepSpacing>,
-    sampler: Sampler,
+    sampler: SchedulerKind,
     steps: usize,
     /// Where PNG files go: `-o`, or `samples/` when no other output was asked for.
     output: Option<PathBuf>,
@@ -261,12 +262,12 @@ impl Request {
             .map(TimestepSpacing::from_name)
             .transpose()?;
         let sampler = match args.scheduler {
-            SamplerArg::Ddim => Sampler::Ddim,
-            SamplerArg::Ddpm => Sampler::Ddpm,
+            SamplerArg::Ddim => SchedulerKind::Ddim,
+            SamplerArg::Ddpm => SchedulerKind::Ddpm,
         };
         let steps = args.steps.unwrap_or(match sampler {
-            Sampler::Ddim => 50,
-            Sampler::Ddpm => 1000,
+            SchedulerKind::Ddpm => 1000,
+            _ => 50,
         });
         common::check_eta(args.eta)?;
         common::check_upscale(args.upscale)?;
@@ -696,9 +697,11 @@ fn record_of(
     options: &SampleOptions,
     batch: usize,
 ) -> Result<RunRecord> {
-    let (sampler, kind) = match options.sampler {
-        Sampler::Ddim => ("ddim", ddim::scheduler::SchedulerKind::Ddim),
-        Sampler::Ddpm => ("ddpm", ddim::scheduler::SchedulerKind::Ddpm),
+    let kind = options.sampler;
+    let sampler = match kind {
+        SchedulerKind::Ddim => "ddim",
+        SchedulerKind::Ddpm => "ddpm",
+        other => other.class_name(),
     };
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let mut r = model.run_record("sample", kind, &args.compute)?;

@@ -1,7 +1,7 @@
 //! diffusers' JSON. Python's `json` module writes the non-finite floats as the bare tokens
 //! `NaN`, `Infinity` and `-Infinity` (diffusers saves `"lambda_min_clipped": -Infinity` in every
 //! `DPMSolverMultistepScheduler` config), which strict JSON parsers reject. [`parse`] reads
-//! them; what we write stays strict JSON (a non-finite value is never written as a number).
+//! them; [`to_python_text`] writes them back as Python does, so diffusers reads what we save.
 
 use serde_json::Value;
 
@@ -28,6 +28,61 @@ pub fn as_f64(v: &Value) -> Option<f64> {
             .map(|&(_, x)| x),
         other => other.as_f64(),
     }
+}
+
+/// The Python token of a non-finite number (`None` for a finite one).
+pub fn non_finite_name(x: f64) -> Option<&'static str> {
+    if x.is_finite() {
+        None
+    } else if x.is_nan() {
+        Some("NaN")
+    } else if x > 0.0 {
+        Some("Infinity")
+    } else {
+        Some("-Infinity")
+    }
+}
+
+/// Pretty JSON as Python's `json.dumps(..., indent=2)` writes it, the inverse of [`parse`]: a
+/// string that is exactly one of the three token names is written as the bare token.
+pub fn to_python_text(value: &Value) -> serde_json::Result<String> {
+    let mut out = String::new();
+    write_python(value, 0, &mut out)?;
+    Ok(out)
+}
+
+fn write_python(value: &Value, depth: usize, out: &mut String) -> serde_json::Result<()> {
+    let indent = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    match value {
+        Value::String(s) if NON_FINITE.iter().any(|(name, _)| name == s) => out.push_str(s),
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                out.push_str(if i == 0 { "" } else { "," });
+                indent(out, depth + 1);
+                write_python(item, depth + 1, out)?;
+            }
+            indent(out, depth);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                out.push_str(if i == 0 { "" } else { "," });
+                indent(out, depth + 1);
+                out.push_str(&serde_json::to_string(key)?);
+                out.push_str(": ");
+                write_python(item, depth + 1, out)?;
+            }
+            indent(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other)?),
+    }
+    Ok(())
 }
 
 /// `text` with every bare `NaN`, `Infinity` or `-Infinity` outside strings quoted.
@@ -89,6 +144,23 @@ mod tests {
         assert_eq!(v["c"], r#"NaN -Infinity "Infinity""#);
         assert_eq!(as_f64(&v["c"]), None);
         assert_eq!(as_f64(&v["d"]), None);
+    }
+
+    #[test]
+    fn python_text_reads_back_and_writes_tokens_bare() {
+        let text = r#"{"a": -Infinity, "b": [NaN, 1.5, "x"], "c": {}, "d": [], "e": "-Infinity!"}"#;
+        let v = parse(text).unwrap();
+        let written = to_python_text(&v).unwrap();
+        assert!(written.contains("\"a\": -Infinity,"), "{written}");
+        assert!(written.contains("  NaN,"), "{written}");
+        assert!(written.contains("\"-Infinity!\""), "{written}");
+        assert_eq!(parse(&written).unwrap(), v);
+        // Without tokens it is serde_json's pretty layout, which is Python's indent=2 layout.
+        let plain = serde_json::json!({"k": [1, {"z": true}], "s": "t"});
+        assert_eq!(
+            to_python_text(&plain).unwrap(),
+            serde_json::to_string_pretty(&plain).unwrap()
+        );
     }
 
     #[test]

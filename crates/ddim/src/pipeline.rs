@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::rng::{ImageStream, TorchGenerator};
 use crate::scheduler::{
-    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DdimSampler, DdimStepOptions, Scheduler,
-    SchedulerConfig, StepOutput,
+    DDIMInverseScheduler, DdimStepOptions, Scheduler, SchedulerConfig, SchedulerKind, StepOutput,
 };
 use crate::unet::UNet2DModel;
 use crate::{Error, Result};
@@ -73,20 +72,12 @@ impl Generator {
     }
 }
 
-/// Which sampler runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sampler {
-    /// DDIM (deterministic at eta = 0).
-    Ddim,
-    /// DDPM ancestral sampling.
-    Ddpm,
-}
-
 /// The settings of one sampling run.
 #[derive(Clone, Debug)]
 pub struct SampleOptions {
-    /// DDIM or DDPM.
-    pub sampler: Sampler,
+    /// The sampler: the scheduler class whose step runs (the config is converted to it as
+    /// diffusers' `from_config` does).
+    pub sampler: SchedulerKind,
     /// N, the number of inference steps.
     pub num_inference_steps: usize,
     /// DDIM's η (ignored by DDPM).
@@ -101,7 +92,7 @@ impl Default for SampleOptions {
     /// diffusers' `DDIMPipeline` defaults: DDIM, 50 steps, eta 0.
     fn default() -> Self {
         SampleOptions {
-            sampler: Sampler::Ddim,
+            sampler: SchedulerKind::Ddim,
             num_inference_steps: 50,
             eta: 0.0,
             use_clipped_model_output: false,
@@ -117,8 +108,8 @@ pub struct StepInfo<'a> {
     pub index: usize,
     /// The number of steps of the run.
     pub num_steps: usize,
-    /// The timestep t of this step.
-    pub timestep: usize,
+    /// The model's timestep input at this step.
+    pub timestep: f64,
     /// x_t, the sample the model saw.
     pub sample: &'a Tensor,
     /// The sample after the step.
@@ -133,7 +124,7 @@ impl<'a> StepInfo<'a> {
     fn after(
         index: usize,
         num_steps: usize,
-        timestep: usize,
+        timestep: f64,
         sample: &'a Tensor,
         step: &'a StepOutput,
     ) -> Self {
@@ -158,7 +149,7 @@ pub fn no_callback(_: &StepInfo) -> Result<()> {
 fn model_output(
     unet: &UNet2DModel,
     x: &Tensor,
-    t: usize,
+    t: f64,
     class_labels: Option<&Tensor>,
 ) -> Result<Tensor> {
     let t = Tensor::new(t as f32, x.device())?;
@@ -193,24 +184,15 @@ pub fn scheduler_for(
     scheduler_config: &SchedulerConfig,
     options: &SampleOptions,
 ) -> Result<Box<dyn Scheduler>> {
-    Ok(match options.sampler {
-        Sampler::Ddim => {
-            let mut scheduler = DDIMScheduler::new(scheduler_config)?;
-            scheduler.set_timesteps(options.num_inference_steps)?;
-            Box::new(DdimSampler {
-                scheduler,
-                options: DdimStepOptions {
-                    eta: options.eta,
-                    use_clipped_model_output: options.use_clipped_model_output,
-                },
-            })
-        }
-        Sampler::Ddpm => {
-            let mut scheduler = DDPMScheduler::new(scheduler_config)?;
-            scheduler.set_timesteps(options.num_inference_steps)?;
-            Box::new(scheduler)
-        }
-    })
+    crate::scheduler::build(
+        scheduler_config,
+        options.sampler,
+        options.num_inference_steps,
+        DdimStepOptions {
+            eta: options.eta,
+            use_clipped_model_output: options.use_clipped_model_output,
+        },
+    )
 }
 
 /// Samples from x_T: DDIM (`eta` per step) or DDPM, drawing every later noise from
@@ -250,23 +232,40 @@ pub fn denoise(
     scheduler: &mut dyn Scheduler,
     x_start: Tensor,
     class_labels: Option<&Tensor>,
-    mut generator: Option<&mut Generator>,
+    generator: Option<&mut Generator>,
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
     let channels = x_start.dim(1)?;
+    prepare(unet, &x_start);
+    let variance = scheduler.uses_model_variance();
+    let mut model = |x: &Tensor, t: f64| -> Result<Tensor> {
+        let out = model_output(unet, x, t, class_labels)?;
+        if variance {
+            Ok(out)
+        } else {
+            keep_channels(out, channels)
+        }
+    };
+    denoise_with(&mut model, scheduler, x_start, generator, callback)
+}
+
+/// [`denoise`] with any model: `model(x, t)` is the model's output on x at timestep t.
+pub fn denoise_with(
+    model: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
+    scheduler: &mut dyn Scheduler,
+    x_start: Tensor,
+    mut generator: Option<&mut Generator>,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
     let mut x = x_start.to_dtype(DType::F32)?;
     let sigma = scheduler.init_noise_sigma();
     if sigma != 1.0 {
         x = x.affine(sigma, 0.0)?;
     }
-    prepare(unet, &x);
-    let timesteps = scheduler.timesteps().to_vec();
+    let timesteps = scheduler.model_timesteps();
     for (index, &t) in timesteps.iter().enumerate() {
         let input = scheduler.scale_model_input(&x, index)?;
-        let mut out = model_output(unet, &input, t, class_labels)?;
-        if !scheduler.uses_model_variance() {
-            out = keep_channels(out, channels)?;
-        }
+        let out = model(&input, t)?;
         let z = match (scheduler.needs_noise(index), generator.as_deref_mut()) {
             (false, _) => None,
             (true, Some(g)) => Some(g.randn(x.dims(), x.device())?),

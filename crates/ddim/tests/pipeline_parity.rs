@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use ddim::loader::load_unet;
 use ddim::pipeline::{
     interpolation_noise, invert, no_callback, noise_shape, sample, Generator, SampleOptions,
-    Sampler,
 };
-use ddim::scheduler::SchedulerConfig;
+use ddim::scheduler::{SchedulerConfig, SchedulerKind};
 use serde_json::Value;
 
 fn fixture_dir() -> &'static str {
@@ -64,8 +63,8 @@ fn sampling_matches_diffusers_with_torch_generator() {
         }
         let options = SampleOptions {
             sampler: match case["sampler"].as_str().unwrap() {
-                "ddim" => Sampler::Ddim,
-                _ => Sampler::Ddpm,
+                "ddim" => SchedulerKind::Ddim,
+                _ => SchedulerKind::Ddpm,
             },
             num_inference_steps: case["steps"].as_u64().unwrap() as usize,
             eta: case["eta"].as_f64().unwrap(),
@@ -203,8 +202,8 @@ fn the_loop_drives_any_scheduler_by_index() {
     /// DDIM at η = 0, recording the indices it is stepped with.
     struct Recording(DdimSampler, Vec<usize>);
     impl Scheduler for Recording {
-        fn timesteps(&self) -> &[usize] {
-            self.0.timesteps()
+        fn model_timesteps(&self) -> Vec<f64> {
+            self.0.model_timesteps()
         }
         fn needs_noise(&self, index: usize) -> bool {
             self.0.needs_noise(index)

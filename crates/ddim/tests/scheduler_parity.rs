@@ -166,7 +166,7 @@ fn full_loops_match_diffusers() {
                         .set_timesteps(case["num_inference_steps"].as_u64().unwrap() as usize)
                         .unwrap(),
                 }
-                let vt = cfg.variance_type.name();
+                let vt = cfg.variance_type.unwrap().name();
                 for &t in s.timesteps() {
                     let eps = dummy_model(&x, t);
                     let out = match vt {

@@ -353,7 +353,7 @@ fn fixed_large_log_is_finite_and_equals_fixed_large() {
     // diffusers takes the square root of log β_t (NaN); the variance meant is β_t.
     let run = |vt| {
         let mut s = DDPMScheduler::new(&SchedulerConfig {
-            variance_type: vt,
+            variance_type: Some(vt),
             ..Default::default()
         })
         .unwrap();
@@ -376,7 +376,7 @@ fn fixed_large_log_is_finite_and_equals_fixed_large() {
 #[test]
 fn learned_variance_needs_two_c_channels() {
     let mut s = DDPMScheduler::new(&SchedulerConfig {
-        variance_type: VarianceType::LearnedRange,
+        variance_type: Some(VarianceType::LearnedRange),
         ..Default::default()
     })
     .unwrap();
@@ -465,7 +465,7 @@ fn config_files_load_like_diffusers() {
     assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
     let cfg = loaded.config;
     assert_eq!(cfg.kind(), Some(SchedulerKind::Ddpm));
-    assert_eq!(cfg.variance_type, VarianceType::FixedLarge);
+    assert_eq!(cfg.variance_type, Some(VarianceType::FixedLarge));
     let s = DDIMScheduler::new(&cfg).unwrap();
     assert_eq!(s.final_alpha_cumprod(), 1.0); // set_alpha_to_one's default
                                               // The legacy GaussianDDPMScheduler file with `timesteps` and `timestep_values`.
@@ -493,7 +493,7 @@ fn config_files_load_like_diffusers() {
         },
         SchedulerConfig {
             class_name: None,
-            variance_type: VarianceType::FixedSmall, // DDIMScheduler has no variance_type key
+            variance_type: Some(VarianceType::FixedSmall), // DDIMScheduler has no variance_type key
             ..cfg
         }
     );

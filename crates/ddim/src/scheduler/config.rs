@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::schedule::{self, BetaSchedule};
@@ -48,6 +49,63 @@ pub enum VarianceType {
     Learned,
     /// The model predicts v ∈ [-1, 1] interpolating log β̃_t and log β_t (Nichol & Dhariwal 2021, eq. 15).
     LearnedRange,
+}
+
+/// Which differential equation a multistep solver integrates (`algorithm_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgorithmType {
+    /// DPM-Solver on the noise prediction (Lu et al. 2022a).
+    DpmSolver,
+    /// DPM-Solver++ on the data prediction (Lu et al. 2022b).
+    DpmSolverPlusPlus,
+    /// The SDE variant of DPM-Solver (stochastic).
+    SdeDpmSolver,
+    /// The SDE variant of DPM-Solver++ (stochastic).
+    SdeDpmSolverPlusPlus,
+    /// DEIS (Zhang & Chen 2022).
+    Deis,
+}
+
+/// The multistep solver's update rule (`solver_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SolverType {
+    /// DPM-Solver's second-order midpoint rule.
+    Midpoint,
+    /// DPM-Solver's second-order Heun rule.
+    Heun,
+    /// DEIS's log-rho rule.
+    Logrho,
+    /// UniPC's B(h) = h.
+    Bh1,
+    /// UniPC's B(h) = e^h - 1.
+    Bh2,
+}
+
+/// The last sigma of a sigma schedule (`final_sigmas_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinalSigmasType {
+    /// 0: the last step lands on the clean sample.
+    Zero,
+    /// The training schedule's smallest sigma.
+    SigmaMin,
+}
+
+/// How Euler-type schedulers interpolate sigmas between training timesteps (`interpolation_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterpolationType {
+    /// Linear in sigma.
+    Linear,
+    /// Linear in log sigma.
+    LogLinear,
+}
+
+/// What the model's timestep input is for Euler (`timestep_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimestepType {
+    /// The (fractional) training timestep.
+    Discrete,
+    /// 0.25 log sigma (EDM-style models).
+    Continuous,
 }
 
 macro_rules! named_enum {
@@ -96,6 +154,14 @@ named_enum!(TimestepSpacing, "timestep_spacing",
 named_enum!(VarianceType, "variance_type",
     FixedSmall => "fixed_small", FixedSmallLog => "fixed_small_log", FixedLarge => "fixed_large",
     FixedLargeLog => "fixed_large_log", Learned => "learned", LearnedRange => "learned_range");
+named_enum!(AlgorithmType, "algorithm_type",
+    DpmSolver => "dpmsolver", DpmSolverPlusPlus => "dpmsolver++", SdeDpmSolver => "sde-dpmsolver",
+    SdeDpmSolverPlusPlus => "sde-dpmsolver++", Deis => "deis");
+named_enum!(SolverType, "solver_type",
+    Midpoint => "midpoint", Heun => "heun", Logrho => "logrho", Bh1 => "bh1", Bh2 => "bh2");
+named_enum!(FinalSigmasType, "final_sigmas_type", Zero => "zero", SigmaMin => "sigma_min");
+named_enum!(InterpolationType, "interpolation_type", Linear => "linear", LogLinear => "log_linear");
+named_enum!(TimestepType, "timestep_type", Discrete => "discrete", Continuous => "continuous");
 
 /// Which diffusers scheduler class a config file names (`_class_name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,129 +172,427 @@ pub enum SchedulerKind {
     Ddpm,
     /// `DDIMInverseScheduler`.
     DdimInverse,
+    /// `DPMSolverMultistepScheduler` (DPM-Solver and DPM-Solver++, Lu et al. 2022).
+    DpmSolverMultistep,
+    /// `UniPCMultistepScheduler` (Zhao et al. 2023).
+    UniPcMultistep,
+    /// `DEISMultistepScheduler` (Zhang & Chen 2022).
+    DeisMultistep,
+    /// `EulerDiscreteScheduler` (Karras et al. 2022, Algorithm 2 without churn).
+    EulerDiscrete,
+    /// `EulerAncestralDiscreteScheduler`.
+    EulerAncestralDiscrete,
+    /// `HeunDiscreteScheduler` (Karras et al. 2022, Algorithm 1).
+    HeunDiscrete,
+    /// `PNDMScheduler` (Liu et al. 2022: PRK and PLMS).
+    Pndm,
+    /// `LMSDiscreteScheduler` (linear multistep).
+    LmsDiscrete,
 }
 
 impl SchedulerKind {
+    /// Every kind.
+    pub const ALL: &'static [SchedulerKind] = &[
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+        SchedulerKind::DdimInverse,
+        SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::UniPcMultistep,
+        SchedulerKind::DeisMultistep,
+        SchedulerKind::EulerDiscrete,
+        SchedulerKind::EulerAncestralDiscrete,
+        SchedulerKind::HeunDiscrete,
+        SchedulerKind::Pndm,
+        SchedulerKind::LmsDiscrete,
+    ];
+
     /// The diffusers class name.
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
             SchedulerKind::DdimInverse => "DDIMInverseScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::UniPcMultistep => "UniPCMultistepScheduler",
+            SchedulerKind::DeisMultistep => "DEISMultistepScheduler",
+            SchedulerKind::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::HeunDiscrete => "HeunDiscreteScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::LmsDiscrete => "LMSDiscreteScheduler",
         }
     }
 
     /// The kind for a diffusers class name, if it is one we implement.
     pub fn from_class_name(name: &str) -> Option<Self> {
         match name {
-            "DDIMScheduler" => Some(SchedulerKind::Ddim),
-            "DDPMScheduler" | "GaussianDDPMScheduler" => Some(SchedulerKind::Ddpm),
-            "DDIMInverseScheduler" => Some(SchedulerKind::DdimInverse),
-            _ => None,
+            "GaussianDDPMScheduler" => Some(SchedulerKind::Ddpm),
+            _ => Self::ALL.iter().copied().find(|k| k.class_name() == name),
         }
     }
 
-    /// The config keys this diffusers class takes (what [`SchedulerConfig::to_json`] writes).
-    fn keys(self) -> &'static [&'static str] {
-        const COMMON: &[&str] = &[
-            "num_train_timesteps",
-            "beta_start",
-            "beta_end",
-            "beta_schedule",
-            "trained_betas",
-            "clip_sample",
-            "set_alpha_to_one",
-            "steps_offset",
-            "prediction_type",
-            "thresholding",
-            "dynamic_thresholding_ratio",
-            "clip_sample_range",
-            "sample_max_value",
-            "timestep_spacing",
-            "rescale_betas_zero_snr",
-        ];
-        const DDPM: &[&str] = &[
-            "num_train_timesteps",
-            "beta_start",
-            "beta_end",
-            "beta_schedule",
-            "trained_betas",
-            "variance_type",
-            "clip_sample",
-            "prediction_type",
-            "thresholding",
-            "dynamic_thresholding_ratio",
-            "clip_sample_range",
-            "sample_max_value",
-            "timestep_spacing",
-            "steps_offset",
-            "rescale_betas_zero_snr",
-        ];
-        const INVERSE: &[&str] = &[
-            "num_train_timesteps",
-            "beta_start",
-            "beta_end",
-            "beta_schedule",
-            "trained_betas",
-            "clip_sample",
-            "set_alpha_to_one",
-            "steps_offset",
-            "prediction_type",
-            "clip_sample_range",
-            "timestep_spacing",
-            "rescale_betas_zero_snr",
-        ];
+    /// Every key of this class's config, in diffusers' order: what
+    /// [`SchedulerConfig::to_json`] writes and what [`SchedulerConfig::converted_to`] carries
+    /// over to another class.
+    pub fn keys(self) -> &'static [&'static str] {
         match self {
-            SchedulerKind::Ddim => COMMON,
-            SchedulerKind::Ddpm => DDPM,
-            SchedulerKind::DdimInverse => INVERSE,
+            SchedulerKind::Ddim => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "clip_sample",
+                "set_alpha_to_one",
+                "steps_offset",
+                "prediction_type",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "clip_sample_range",
+                "sample_max_value",
+                "timestep_spacing",
+                "rescale_betas_zero_snr",
+            ],
+            SchedulerKind::Ddpm => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "variance_type",
+                "clip_sample",
+                "prediction_type",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "clip_sample_range",
+                "sample_max_value",
+                "timestep_spacing",
+                "steps_offset",
+                "rescale_betas_zero_snr",
+            ],
+            SchedulerKind::DdimInverse => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "clip_sample",
+                "set_alpha_to_one",
+                "steps_offset",
+                "prediction_type",
+                "clip_sample_range",
+                "timestep_spacing",
+                "rescale_betas_zero_snr",
+            ],
+            SchedulerKind::DpmSolverMultistep => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "solver_order",
+                "prediction_type",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "sample_max_value",
+                "algorithm_type",
+                "solver_type",
+                "lower_order_final",
+                "euler_at_final",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "use_flow_sigmas",
+                "flow_shift",
+                "final_sigmas_type",
+                "lambda_min_clipped",
+                "variance_type",
+                "timestep_spacing",
+                "steps_offset",
+                "rescale_betas_zero_snr",
+                "use_dynamic_shifting",
+                "time_shift_type",
+            ],
+            SchedulerKind::UniPcMultistep => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "solver_order",
+                "prediction_type",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "sample_max_value",
+                "predict_x0",
+                "solver_type",
+                "lower_order_final",
+                "disable_corrector",
+                "solver_p",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_flow_sigmas",
+                "flow_shift",
+                "timestep_spacing",
+                "steps_offset",
+                "final_sigmas_type",
+                "rescale_betas_zero_snr",
+                "use_dynamic_shifting",
+                "time_shift_type",
+                "sigma_min",
+                "sigma_max",
+                "shift_terminal",
+            ],
+            SchedulerKind::DeisMultistep => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "solver_order",
+                "prediction_type",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "sample_max_value",
+                "algorithm_type",
+                "solver_type",
+                "lower_order_final",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_flow_sigmas",
+                "flow_shift",
+                "timestep_spacing",
+                "steps_offset",
+                "use_dynamic_shifting",
+                "time_shift_type",
+            ],
+            SchedulerKind::EulerDiscrete => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "prediction_type",
+                "interpolation_type",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "sigma_min",
+                "sigma_max",
+                "timestep_spacing",
+                "timestep_type",
+                "steps_offset",
+                "rescale_betas_zero_snr",
+                "final_sigmas_type",
+            ],
+            SchedulerKind::EulerAncestralDiscrete => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "prediction_type",
+                "timestep_spacing",
+                "steps_offset",
+                "rescale_betas_zero_snr",
+            ],
+            SchedulerKind::HeunDiscrete => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "prediction_type",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "clip_sample",
+                "clip_sample_range",
+                "timestep_spacing",
+                "steps_offset",
+            ],
+            SchedulerKind::Pndm => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "skip_prk_steps",
+                "set_alpha_to_one",
+                "prediction_type",
+                "timestep_spacing",
+                "steps_offset",
+            ],
+            SchedulerKind::LmsDiscrete => &[
+                "num_train_timesteps",
+                "beta_start",
+                "beta_end",
+                "beta_schedule",
+                "trained_betas",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "prediction_type",
+                "timestep_spacing",
+                "steps_offset",
+            ],
+        }
+    }
+
+    /// This class's defaults for every key (diffusers 0.42's `__init__` defaults).
+    pub fn defaults(self) -> SchedulerConfig {
+        let base = SchedulerConfig {
+            class_name: Some(self.class_name().to_string()),
+            ..SchedulerConfig::default()
+        };
+        let linspace = SchedulerConfig {
+            timestep_spacing: TimestepSpacing::Linspace,
+            ..base.clone()
+        };
+        match self {
+            SchedulerKind::Ddim | SchedulerKind::Ddpm | SchedulerKind::DdimInverse => base,
+            SchedulerKind::DpmSolverMultistep => SchedulerConfig {
+                variance_type: None,
+                ..linspace
+            },
+            SchedulerKind::UniPcMultistep => SchedulerConfig {
+                solver_type: SolverType::Bh2,
+                ..linspace
+            },
+            SchedulerKind::DeisMultistep => SchedulerConfig {
+                algorithm_type: AlgorithmType::Deis,
+                solver_type: SolverType::Logrho,
+                ..linspace
+            },
+            SchedulerKind::EulerDiscrete
+            | SchedulerKind::EulerAncestralDiscrete
+            | SchedulerKind::LmsDiscrete => linspace,
+            SchedulerKind::HeunDiscrete => SchedulerConfig {
+                beta_start: 0.00085,
+                beta_end: 0.012,
+                clip_sample: false,
+                ..linspace
+            },
+            SchedulerKind::Pndm => SchedulerConfig {
+                set_alpha_to_one: false,
+                ..base
+            },
         }
     }
 }
 
-/// Every key of diffusers' DDIM, DDPM and DDIM-inverse scheduler configs. Missing keys take
-/// diffusers' defaults ([`SchedulerConfig::default`]); each scheduler reads the keys its diffusers
-/// class has, so a DDPM config builds a DDIM scheduler as `DDIMScheduler.from_config` does.
-#[derive(Clone, Debug, PartialEq)]
+/// Every key of the diffusers scheduler configs ddim reads, under diffusers' names. Each class
+/// reads the keys it has ([`SchedulerKind::keys`]); the others keep their defaults.
+///
+/// A file is read against the defaults of the class it names ([`SchedulerConfig::from_json`]):
+/// keys it omits take that class's `__init__` defaults, as in diffusers' `from_pretrained`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SchedulerConfig {
     /// `_class_name`, when the file names one.
+    #[serde(skip)]
     pub class_name: Option<String>,
     /// T, the number of training timesteps.
+    #[serde(deserialize_with = "de::usize")]
     pub num_train_timesteps: usize,
     /// First beta of the `linear`/`scaled_linear`/`sigmoid` schedules.
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
     pub beta_start: f64,
     /// Last beta of the `linear`/`scaled_linear`/`sigmoid` schedules.
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
     pub beta_end: f64,
     /// The beta schedule (ignored when `trained_betas` is given).
     pub beta_schedule: BetaSchedule,
     /// Explicit betas, one per training timestep.
+    #[serde(deserialize_with = "de::opt_f64s")]
     pub trained_betas: Option<Vec<f64>>,
-    /// DDPM only: the variance of the ancestral step.
-    pub variance_type: VarianceType,
+    /// The variance of DDPM's ancestral step; `learned`/`learned_range` also tell other
+    /// samplers that the model has 2·C output channels. `None` (JSON `null`) is `fixed_small`.
+    pub variance_type: Option<VarianceType>,
     /// Clip the predicted x_0 to `[-clip_sample_range, clip_sample_range]`.
     pub clip_sample: bool,
     /// See `clip_sample`.
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
     pub clip_sample_range: f64,
     /// DDIM: ᾱ after the last step is 1 (true) or ᾱ_0 (false). Inverse: ᾱ before the first step.
     pub set_alpha_to_one: bool,
     /// Added to every `leading` timestep (Stable Diffusion uses 1).
+    #[serde(deserialize_with = "de::usize")]
     pub steps_offset: usize,
     /// What the model predicts.
     pub prediction_type: PredictionType,
     /// Dynamic thresholding of x_0 (Saharia et al. 2022, Imagen); replaces `clip_sample`.
     pub thresholding: bool,
     /// The quantile of |x_0| used by dynamic thresholding.
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
     pub dynamic_thresholding_ratio: f64,
     /// The largest threshold of dynamic thresholding.
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
     pub sample_max_value: f64,
     /// How inference timesteps are spaced.
     pub timestep_spacing: TimestepSpacing,
     /// Rescale the betas to zero terminal SNR (Lin et al. 2023).
     pub rescale_betas_zero_snr: bool,
+    /// Multistep solvers: the order, 1 to 3.
+    #[serde(deserialize_with = "de::usize")]
+    pub solver_order: usize,
+    /// DPM-Solver's and DEIS's algorithm.
+    pub algorithm_type: AlgorithmType,
+    /// The multistep update rule.
+    pub solver_type: SolverType,
+    /// Multistep solvers: lower the order at the last steps (when fewer than 15 steps).
+    pub lower_order_final: bool,
+    /// DPM-Solver: a first-order (Euler) last step.
+    pub euler_at_final: bool,
+    /// Sigmas of Karras et al. 2022 (eq. 5, rho = 7) instead of the training schedule's.
+    pub use_karras_sigmas: bool,
+    /// Exponentially spaced sigmas (not implemented here: must be false).
+    pub use_exponential_sigmas: bool,
+    /// Beta-distributed sigmas (not implemented here: must be false).
+    pub use_beta_sigmas: bool,
+    /// DPM-Solver: sigmas uniform in log-SNR (Lu et al. 2022b).
+    pub use_lu_lambdas: bool,
+    /// Flow-matching sigmas (not for DDPM-trained models: must be false).
+    pub use_flow_sigmas: bool,
+    /// Flow-matching shift (only with `use_flow_sigmas`).
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
+    pub flow_shift: f64,
+    /// The last sigma of the schedule.
+    pub final_sigmas_type: FinalSigmasType,
+    /// DPM-Solver: the smallest log-SNR λ a timestep may have (for the cosine schedule).
+    #[serde(deserialize_with = "de::f64", serialize_with = "ser::f64")]
+    pub lambda_min_clipped: f64,
+    /// Resolution-dependent timestep shifting (not implemented here: must be false).
+    pub use_dynamic_shifting: bool,
+    /// The shift function of `use_dynamic_shifting`.
+    pub time_shift_type: String,
+    /// UniPC: predict x_0 (UniPC on the data prediction) rather than ε.
+    pub predict_x0: bool,
+    /// UniPC: the steps whose corrector is skipped.
+    pub disable_corrector: Vec<usize>,
+    /// UniPC: a predictor scheduler object (not representable here: must be null).
+    pub solver_p: Option<Value>,
+    /// Euler/UniPC: the smallest sigma of Karras sigmas (the schedule's when null).
+    #[serde(deserialize_with = "de::opt_f64", serialize_with = "ser::opt_f64")]
+    pub sigma_min: Option<f64>,
+    /// Euler/UniPC: the largest sigma of Karras sigmas (the schedule's when null).
+    #[serde(deserialize_with = "de::opt_f64", serialize_with = "ser::opt_f64")]
+    pub sigma_max: Option<f64>,
+    /// Stretch of shifted schedules (not implemented here: must be null).
+    #[serde(deserialize_with = "de::opt_f64", serialize_with = "ser::opt_f64")]
+    pub shift_terminal: Option<f64>,
+    /// Euler: how sigmas are interpolated between training timesteps.
+    pub interpolation_type: InterpolationType,
+    /// Euler: the model's timestep input.
+    pub timestep_type: TimestepType,
+    /// PNDM: start with PLMS steps instead of four Runge-Kutta steps.
+    pub skip_prk_steps: bool,
 }
 
 impl Default for SchedulerConfig {
-    /// diffusers' defaults (identical for the three classes, `variance_type` being DDPM's).
+    /// diffusers' `DDIMScheduler` defaults (`variance_type` being `DDPMScheduler`'s).
     fn default() -> Self {
         SchedulerConfig {
             class_name: None,
@@ -237,7 +601,7 @@ impl Default for SchedulerConfig {
             beta_end: 0.02,
             beta_schedule: BetaSchedule::Linear,
             trained_betas: None,
-            variance_type: VarianceType::FixedSmall,
+            variance_type: Some(VarianceType::FixedSmall),
             clip_sample: true,
             clip_sample_range: 1.0,
             set_alpha_to_one: true,
@@ -248,6 +612,30 @@ impl Default for SchedulerConfig {
             sample_max_value: 1.0,
             timestep_spacing: TimestepSpacing::Leading,
             rescale_betas_zero_snr: false,
+            solver_order: 2,
+            algorithm_type: AlgorithmType::DpmSolverPlusPlus,
+            solver_type: SolverType::Midpoint,
+            lower_order_final: true,
+            euler_at_final: false,
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            use_lu_lambdas: false,
+            use_flow_sigmas: false,
+            flow_shift: 1.0,
+            final_sigmas_type: FinalSigmasType::Zero,
+            lambda_min_clipped: f64::NEG_INFINITY,
+            use_dynamic_shifting: false,
+            time_shift_type: "exponential".to_string(),
+            predict_x0: true,
+            disable_corrector: Vec::new(),
+            solver_p: None,
+            sigma_min: None,
+            sigma_max: None,
+            shift_terminal: None,
+            interpolation_type: InterpolationType::Linear,
+            timestep_type: TimestepType::Discrete,
+            skip_prk_steps: false,
         }
     }
 }
@@ -261,7 +649,7 @@ const SILENT_KEYS: &[&str] = &["timestep_values", "tensor_format"];
 pub struct LoadedSchedulerConfig {
     /// The config.
     pub config: SchedulerConfig,
-    /// Keys that no DDIM/DDPM/DDIM-inverse scheduler knows, in file order; they were ignored.
+    /// Keys that no scheduler here knows, in file order; they were ignored.
     pub unknown_keys: Vec<String>,
 }
 
@@ -310,7 +698,10 @@ impl SchedulerConfig {
         Self::from_json(&value)
     }
 
-    /// Parses a config from a JSON value (an object of diffusers keys).
+    /// Parses a config from a JSON value (an object of diffusers keys): the keys it has over
+    /// the defaults of the class its `_class_name` names (`DDIMScheduler`'s when it names none
+    /// or one ddim does not implement). The legacy `timesteps` key is T when
+    /// `num_train_timesteps` is absent.
     pub fn from_json(value: &Value) -> Result<LoadedSchedulerConfig> {
         let obj = value.as_object().ok_or_else(|| {
             Error::config(
@@ -319,71 +710,69 @@ impl SchedulerConfig {
                 "a JSON object of diffusers scheduler keys is expected",
             )
         })?;
-        let mut cfg = SchedulerConfig::default();
+        let class_name = obj.get("_class_name").and_then(Value::as_str);
+        let kind = class_name.and_then(SchedulerKind::from_class_name);
+        let mut merged = kind
+            .map_or_else(Self::default, SchedulerKind::defaults)
+            .to_map();
         let mut unknown_keys = Vec::new();
-        // The legacy `timesteps` key (GaussianDDPMScheduler) is T when `num_train_timesteps` is absent.
-        if let Some(v) = obj
-            .get("num_train_timesteps")
-            .or_else(|| obj.get("timesteps"))
-        {
-            cfg.num_train_timesteps = get_usize("num_train_timesteps", v)?;
-            check_train_timesteps(cfg.num_train_timesteps)?;
-        }
         for (key, v) in obj {
-            match key.as_str() {
-                "_class_name" => cfg.class_name = v.as_str().map(str::to_string),
-                k if k.starts_with('_') => {}
-                "num_train_timesteps" | "timesteps" => {}
-                "beta_start" => cfg.beta_start = get_f64(key, v)?,
-                "beta_end" => cfg.beta_end = get_f64(key, v)?,
-                "beta_schedule" => cfg.beta_schedule = BetaSchedule::from_name(get_str(key, v)?)?,
-                "trained_betas" => {
-                    cfg.trained_betas = match v {
-                        Value::Null => None,
-                        Value::Array(items) => Some(
-                            items
-                                .iter()
-                                .map(|x| get_f64(key, x))
-                                .collect::<Result<Vec<_>>>()?,
-                        ),
-                        other => {
-                            return Err(Error::config(
-                                key,
-                                short(other),
-                                "a list of numbers or null",
-                            ))
-                        }
-                    }
-                }
-                "variance_type" => {
-                    // diffusers writes `null` for "use the default"; legacy files may too.
-                    if !v.is_null() {
-                        cfg.variance_type = VarianceType::from_name(get_str(key, v)?)?
-                    }
-                }
-                "clip_sample" => cfg.clip_sample = get_bool(key, v)?,
-                "clip_sample_range" => cfg.clip_sample_range = get_f64(key, v)?,
-                "set_alpha_to_one" => cfg.set_alpha_to_one = get_bool(key, v)?,
-                "steps_offset" => cfg.steps_offset = get_usize(key, v)?,
-                "prediction_type" => {
-                    cfg.prediction_type = PredictionType::from_name(get_str(key, v)?)?
-                }
-                "thresholding" => cfg.thresholding = get_bool(key, v)?,
-                "dynamic_thresholding_ratio" => cfg.dynamic_thresholding_ratio = get_f64(key, v)?,
-                "sample_max_value" => cfg.sample_max_value = get_f64(key, v)?,
-                "timestep_spacing" => {
-                    cfg.timestep_spacing = TimestepSpacing::from_name(get_str(key, v)?)?
-                }
-                "rescale_betas_zero_snr" => cfg.rescale_betas_zero_snr = get_bool(key, v)?,
-                k if SILENT_KEYS.contains(&k) => {}
-                other => unknown_keys.push(other.to_string()),
+            let key = match key.as_str() {
+                "timesteps" if !obj.contains_key("num_train_timesteps") => "num_train_timesteps",
+                k if k.starts_with('_') || SILENT_KEYS.contains(&k) || k == "timesteps" => continue,
+                k => k,
+            };
+            match merged.get_mut(key) {
+                Some(slot) => *slot = v.clone(),
+                None => unknown_keys.push(key.to_string()),
             }
         }
-        cfg.validate()?;
+        let mut config: SchedulerConfig = serde_path_to_error::deserialize(Value::Object(merged))
+            .map_err(|e| {
+            let key = e.path().to_string();
+            let found = obj.get(&key).map_or_else(|| "?".into(), short);
+            Error::config(&key, found, e.into_inner().to_string())
+        })?;
+        config.class_name = class_name.map(str::to_string);
+        config.validate()?;
         Ok(LoadedSchedulerConfig {
-            config: cfg,
+            config,
             unknown_keys,
         })
+    }
+
+    /// The config as another class reads it, as diffusers' `Class.from_config(scheduler.config)`
+    /// does: the keys this config's class has (every one of them, its defaults included) carry
+    /// over, the target class's other keys take its defaults.
+    ///
+    /// A config that names no class is taken as a plain dict of keys: every key carries over.
+    pub fn converted_to(&self, kind: SchedulerKind) -> Result<SchedulerConfig> {
+        let mine = self.to_map();
+        let carried: Vec<&str> = match self.kind() {
+            Some(from) => from.keys().to_vec(),
+            None => mine.keys().map(String::as_str).collect(),
+        };
+        let mut merged = kind.defaults().to_map();
+        for key in carried {
+            if let (Some(slot), Some(v)) = (merged.get_mut(key), mine.get(key)) {
+                *slot = v.clone();
+            }
+        }
+        let mut config: SchedulerConfig = serde_json::from_value(Value::Object(merged))
+            .map_err(|e| Error::config("scheduler_config", kind.class_name(), e.to_string()))?;
+        config.class_name = Some(kind.class_name().to_string());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every key and value, as [`serde_json`] writes them (non-finite numbers as the strings
+    /// [`crate::json::parse`] makes of Python's tokens).
+    fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            // A struct of plain fields always serialises to an object.
+            _ => unreachable!("SchedulerConfig serialises to a JSON object"),
+        }
     }
 
     /// Checks the values that do not depend on the number of inference steps.
@@ -418,6 +807,53 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// Refuses options diffusers has that ddim does not implement, naming the key, when they
+    /// are set away from their defaults (a file that merely lists them at their defaults is fine).
+    pub fn check_implemented(&self, kind: SchedulerKind) -> Result<()> {
+        let keys = kind.keys();
+        let refuse = |key: &str, value: String, why: &str| -> Result<()> {
+            if keys.contains(&key) {
+                Err(Error::config(key, value, why.to_string()))
+            } else {
+                Ok(())
+            }
+        };
+        let not_here = "is not implemented in ddim; the default is supported";
+        for (key, set) in [
+            ("use_exponential_sigmas", self.use_exponential_sigmas),
+            ("use_beta_sigmas", self.use_beta_sigmas),
+            ("use_flow_sigmas", self.use_flow_sigmas),
+            ("use_dynamic_shifting", self.use_dynamic_shifting),
+        ] {
+            if set {
+                refuse(
+                    key,
+                    "true".into(),
+                    "must be false: this option is for flow-matching or \
+                    resolution-shifted models, not implemented in ddim",
+                )?;
+            }
+        }
+        if let Some(v) = self.shift_terminal {
+            refuse(
+                "shift_terminal",
+                v.to_string(),
+                "must be null: terminal shifting is not implemented in ddim",
+            )?;
+        }
+        if self.solver_p.as_ref().is_some_and(|v| !v.is_null()) {
+            refuse(
+                "solver_p",
+                "a scheduler".into(),
+                "must be null: a predictor scheduler cannot be given in a config file",
+            )?;
+        }
+        if self.timestep_type == TimestepType::Continuous {
+            refuse("timestep_type", "\"continuous\"".into(), not_here)?;
+        }
+        Ok(())
+    }
+
     /// The training betas this config describes (`trained_betas`, or the schedule), with
     /// zero-terminal-SNR rescaling applied when asked for.
     pub fn betas(&self) -> Result<Vec<f32>> {
@@ -437,47 +873,27 @@ impl SchedulerConfig {
         })
     }
 
-    /// The config as diffusers writes it for `kind` (only that class's keys, `_class_name`
-    /// and `_diffusers_version`), so `from_pretrained` in diffusers loads it.
+    /// The config as diffusers writes it for `kind`: that class's keys, `_class_name` and
+    /// `_diffusers_version`, so `from_pretrained` in diffusers loads it.
     pub fn to_json(&self, kind: SchedulerKind) -> Value {
+        let mut all = self.to_map();
         let mut obj = Map::new();
         obj.insert("_class_name".into(), kind.class_name().into());
         obj.insert("_diffusers_version".into(), "0.42.1".into());
         for &key in kind.keys() {
-            let v: Value = match key {
-                "num_train_timesteps" => self.num_train_timesteps.into(),
-                "beta_start" => self.beta_start.into(),
-                "beta_end" => self.beta_end.into(),
-                "beta_schedule" => self.beta_schedule.name().into(),
-                "trained_betas" => match &self.trained_betas {
-                    Some(b) => b.clone().into(),
-                    None => Value::Null,
-                },
-                "variance_type" => self.variance_type.name().into(),
-                "clip_sample" => self.clip_sample.into(),
-                "clip_sample_range" => self.clip_sample_range.into(),
-                "set_alpha_to_one" => self.set_alpha_to_one.into(),
-                "steps_offset" => self.steps_offset.into(),
-                "prediction_type" => self.prediction_type.name().into(),
-                "thresholding" => self.thresholding.into(),
-                "dynamic_thresholding_ratio" => self.dynamic_thresholding_ratio.into(),
-                "sample_max_value" => self.sample_max_value.into(),
-                // `quad` is ours; diffusers refuses it by name at `set_timesteps`, which is
-                // better than silently sampling another schedule.
-                "timestep_spacing" => self.timestep_spacing.name().into(),
-                "rescale_betas_zero_snr" => self.rescale_betas_zero_snr.into(),
-                _ => continue,
-            };
-            obj.insert(key.into(), v);
+            if let Some(v) = all.remove(key) {
+                obj.insert(key.into(), v);
+            }
         }
         Value::Object(obj)
     }
 
-    /// Writes [`SchedulerConfig::to_json`] as pretty JSON to `path`.
+    /// Writes [`SchedulerConfig::to_json`] to `path` as diffusers does (pretty, with Python's
+    /// tokens for non-finite numbers).
     pub fn save(&self, kind: SchedulerKind, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let mut text =
-            serde_json::to_string_pretty(&self.to_json(kind)).map_err(|source| Error::Json {
+            crate::json::to_python_text(&self.to_json(kind)).map_err(|source| Error::Json {
                 path: path.to_path_buf(),
                 source,
             })?;
@@ -489,6 +905,104 @@ impl SchedulerConfig {
     }
 }
 
+/// Enums are written and read by their diffusers names, with [`Error`]'s list of the allowed
+/// names when a name is unknown.
+macro_rules! serde_by_name {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                let name = String::deserialize(d)?;
+                Self::from_name(&name).map_err(|e| match e {
+                    Error::InvalidConfig { allowed, .. } => serde::de::Error::custom(allowed),
+                    other => serde::de::Error::custom(other),
+                })
+            }
+        }
+    )+};
+}
+
+serde_by_name!(
+    BetaSchedule,
+    PredictionType,
+    TimestepSpacing,
+    VarianceType,
+    AlgorithmType,
+    SolverType,
+    FinalSigmasType,
+    InterpolationType,
+    TimestepType,
+);
+
+/// Readers for what diffusers' JSON holds beyond serde's defaults: Python's non-finite tokens
+/// (as [`crate::json::parse`] keeps them) and integers written as floats (`1000.0`).
+mod de {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    fn number<'de, D: Deserializer<'de>>(v: &Value) -> Result<f64, D::Error> {
+        crate::json::as_f64(v).ok_or_else(|| D::Error::custom("a number is expected"))
+    }
+
+    pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        number::<D>(&Value::deserialize(d)?)
+    }
+
+    pub fn opt_f64s<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::Array(items) => items
+                .iter()
+                .map(number::<D>)
+                .collect::<Result<_, _>>()
+                .map(Some),
+            _ => Err(D::Error::custom("a list of numbers or null is expected")),
+        }
+    }
+
+    pub fn usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let v = Value::deserialize(d)?;
+        match (v.as_u64(), v.as_f64()) {
+            (Some(n), _) => usize::try_from(n).ok(),
+            (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Some(f as usize),
+            _ => None,
+        }
+        .ok_or_else(|| D::Error::custom("a non-negative integer is expected"))
+    }
+
+    pub fn opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            v => number::<D>(&v).map(Some),
+        }
+    }
+}
+
+/// Writers matching [`de`]: a non-finite number as the string of its Python token.
+mod ser {
+    use serde::Serializer;
+
+    pub fn f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match crate::json::non_finite_name(*v) {
+            Some(name) => s.serialize_str(name),
+            None => s.serialize_f64(*v),
+        }
+    }
+
+    pub fn opt_f64<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => f64(x, s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.chars().count() > 60 {
@@ -496,30 +1010,6 @@ fn short(v: &Value) -> String {
     } else {
         s
     }
-}
-
-fn get_f64(key: &str, v: &Value) -> Result<f64> {
-    crate::json::as_f64(v).ok_or_else(|| Error::config(key, short(v), "a number is expected"))
-}
-
-fn get_bool(key: &str, v: &Value) -> Result<bool> {
-    v.as_bool()
-        .ok_or_else(|| Error::config(key, short(v), "true or false is expected"))
-}
-
-fn get_str<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
-    v.as_str()
-        .ok_or_else(|| Error::config(key, short(v), "a string is expected"))
-}
-
-fn get_usize(key: &str, v: &Value) -> Result<usize> {
-    // diffusers configs sometimes carry integral floats (1000.0).
-    match (v.as_u64(), v.as_f64()) {
-        (Some(n), _) => usize::try_from(n).ok(),
-        (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Some(f as usize),
-        _ => None,
-    }
-    .ok_or_else(|| Error::config(key, short(v), "a non-negative integer is expected"))
 }
 
 /// The most training timesteps a config may have: diffusers' models use 1,000 to 4,000; the

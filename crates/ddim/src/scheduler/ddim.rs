@@ -219,8 +219,12 @@ pub struct DdimSampler {
 }
 
 impl Scheduler for DdimSampler {
-    fn timesteps(&self) -> &[usize] {
-        self.scheduler.timesteps()
+    fn model_timesteps(&self) -> Vec<f64> {
+        self.scheduler
+            .timesteps()
+            .iter()
+            .map(|&t| t as f64)
+            .collect()
     }
 
     fn needs_noise(&self, _index: usize) -> bool {

@@ -129,8 +129,8 @@ impl DDIMInverseScheduler {
 }
 
 impl Scheduler for DDIMInverseScheduler {
-    fn timesteps(&self) -> &[usize] {
-        DDIMInverseScheduler::timesteps(self)
+    fn model_timesteps(&self) -> Vec<f64> {
+        self.timesteps().iter().map(|&t| t as f64).collect()
     }
 
     /// Inversion is deterministic.

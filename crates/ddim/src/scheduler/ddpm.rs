@@ -26,6 +26,13 @@ pub struct DDPMScheduler {
 }
 
 impl DDPMScheduler {
+    /// The variance of the ancestral step (`null` in the config is `fixed_small`, as in diffusers).
+    fn variance_type(&self) -> VarianceType {
+        self.config
+            .variance_type
+            .unwrap_or(VarianceType::FixedSmall)
+    }
+
     /// Builds the scheduler from a config.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         let levels = NoiseLevels::new(config)?;
@@ -120,7 +127,7 @@ impl DDPMScheduler {
     /// `fixed_small` value). `fixed_*_log` give the same variance as `fixed_*`, through logs.
     pub fn variance(&self, timestep: usize) -> Result<f32> {
         let (_, _, beta, posterior) = self.levels_at(timestep)?;
-        Ok(match self.config.variance_type {
+        Ok(match self.variance_type() {
             VarianceType::FixedLarge | VarianceType::FixedLargeLog => beta,
             _ => posterior,
         })
@@ -139,7 +146,7 @@ impl DDPMScheduler {
         noise: Option<&Tensor>,
     ) -> Result<StepOutput> {
         let learned = matches!(
-            self.config.variance_type,
+            self.variance_type(),
             VarianceType::Learned | VarianceType::LearnedRange
         );
         let c = sample.dim(1)?;
@@ -171,7 +178,7 @@ impl DDPMScheduler {
             None
         };
         // σ_t z: a scalar σ_t for the fixed types, per element for the learned ones.
-        let (noise_std, noise) = match (noise, self.config.variance_type) {
+        let (noise_std, noise) = match (noise, self.variance_type()) {
             (None, _) => (0.0, None),
             (Some(z), VarianceType::FixedSmall) => (posterior.sqrt(), Some(z.clone())),
             // exp(0.5 · log β̃) = sqrt(β̃); diffusers computes it through the log.
@@ -191,12 +198,12 @@ impl DDPMScheduler {
                         format!("{c} channels"),
                         format!(
                             "variance_type {} needs 2 x {c} channels (prediction, then variance)",
-                            self.config.variance_type
+                            self.variance_type()
                         ),
                     )
                 })?;
                 let pv = pv.to_dtype(DType::F32)?;
-                let std = if self.config.variance_type == VarianceType::Learned {
+                let std = if self.variance_type() == VarianceType::Learned {
                     // The model's output is the variance itself (diffusers); clamped at 0 so
                     // a slightly negative prediction gives no noise instead of NaN.
                     pv.relu()?.sqrt()?
@@ -255,8 +262,8 @@ impl DDPMScheduler {
 }
 
 impl Scheduler for DDPMScheduler {
-    fn timesteps(&self) -> &[usize] {
-        DDPMScheduler::timesteps(self)
+    fn model_timesteps(&self) -> Vec<f64> {
+        self.timesteps().iter().map(|&t| t as f64).collect()
     }
 
     /// Every step but the one at t = 0 adds noise, as diffusers does.
@@ -268,7 +275,7 @@ impl Scheduler for DDPMScheduler {
 
     fn uses_model_variance(&self) -> bool {
         matches!(
-            self.config.variance_type,
+            self.variance_type(),
             VarianceType::Learned | VarianceType::LearnedRange
         )
     }

@@ -11,12 +11,13 @@ mod ddim;
 mod ddim_inverse;
 mod ddpm;
 pub(crate) mod kernel;
+pub mod sigmas;
 
 use candle_core::Tensor;
 
 pub use config::{
-    LoadedSchedulerConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing,
-    VarianceType,
+    AlgorithmType, FinalSigmasType, InterpolationType, LoadedSchedulerConfig, PredictionType,
+    SchedulerConfig, SchedulerKind, SolverType, TimestepSpacing, TimestepType, VarianceType,
 };
 pub use ddim::{DDIMScheduler, DdimSampler};
 pub use ddim_inverse::DDIMInverseScheduler;
@@ -68,8 +69,15 @@ impl Default for DdimStepOptions {
 /// Schedulers never draw noise: [`Scheduler::needs_noise`] says which steps take it, and the
 /// loop draws it from the caller's generator in diffusers' order.
 pub trait Scheduler {
-    /// The model timesteps, in the order visited.
-    fn timesteps(&self) -> &[usize];
+    /// The model's timestep input at each step, in the order visited (fractional for
+    /// sigma-interpolating samplers such as Euler; a timestep may repeat, as in Heun).
+    fn model_timesteps(&self) -> Vec<f64>;
+
+    /// The noise level σ of each step and the one after the last, for sigma-parameterised
+    /// samplers (`None` for DDPM-type samplers, which work with ᾱ_t).
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        None
+    }
 
     /// The standard deviation the starting sample is scaled to (1 for DDPM-type samplers).
     fn init_noise_sigma(&self) -> f64 {
@@ -99,6 +107,67 @@ pub trait Scheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<StepOutput>;
+}
+
+/// A scheduler of class `kind` set to `num_inference_steps`, from `config` converted to that
+/// class as diffusers' `Class.from_config(config)` does. `ddim` holds the DDIM step's options
+/// (η), which no other class reads.
+pub fn build(
+    config: &SchedulerConfig,
+    kind: SchedulerKind,
+    num_inference_steps: usize,
+    ddim: DdimStepOptions,
+) -> Result<Box<dyn Scheduler>> {
+    let config = if config.kind() == Some(kind) {
+        config.clone()
+    } else {
+        config.converted_to(kind)?
+    };
+    config.check_implemented(kind)?;
+    let n = num_inference_steps;
+    Ok(match kind {
+        SchedulerKind::Ddim => {
+            let mut scheduler = DDIMScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(DdimSampler {
+                scheduler,
+                options: ddim,
+            })
+        }
+        SchedulerKind::Ddpm => {
+            let mut scheduler = DDPMScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        SchedulerKind::DdimInverse => {
+            let mut scheduler = DDIMInverseScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        other => {
+            return Err(Error::argument(
+                "scheduler",
+                other.class_name(),
+                format!(
+                    "is not implemented yet; implemented: {}",
+                    implemented_names()
+                ),
+            ))
+        }
+    })
+}
+
+/// The class names [`build`] accepts.
+pub fn implemented_names() -> String {
+    [
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+        SchedulerKind::DdimInverse,
+    ]
+    .iter()
+    .map(|k| k.class_name())
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// The timestep of step `index`, or an error naming both.
