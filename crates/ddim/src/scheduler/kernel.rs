@@ -256,6 +256,32 @@ pub(crate) fn abs_quantile(v: &[f32], q: f32) -> f32 {
     }
 }
 
+/// x̂0 bounded as `clip` says, with tensor operations (any device; float32 or float64).
+pub(crate) fn apply_clip(x0: Tensor, clip: Clip) -> Result<Tensor> {
+    Ok(match clip {
+        Clip::None => x0,
+        Clip::Range(r) => x0.clamp(-r, r)?,
+        Clip::Dynamic { ratio, max } => {
+            let b = x0.dim(0)?;
+            let flat: Vec<Vec<f32>> = x0
+                .flatten_from(1)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .to_vec2()?;
+            let s: Vec<f32> = flat
+                .iter()
+                .map(|img| dynamic_threshold(img, ratio, max))
+                .collect();
+            let mut shape = vec![1usize; x0.rank()];
+            shape[0] = b;
+            let s = Tensor::from_vec(s, shape, x0.device())?.to_dtype(x0.dtype())?;
+            x0.broadcast_minimum(&s)?
+                .broadcast_maximum(&s.neg()?)?
+                .broadcast_div(&s)?
+        }
+    })
+}
+
 /// The same update with candle tensor operations (CUDA, Metal, other dtypes, strided inputs).
 pub(crate) fn fused_step_tensor(
     k: &StepCoefficients,
@@ -275,24 +301,7 @@ pub(crate) fn fused_step_tensor(
             (m.affine(sa, 0.0)? + x.affine(sb, 0.0)?)?,
         ),
     };
-    let x0 = match k.clip {
-        Clip::None => x0,
-        Clip::Range(r) => x0.clamp(-r, r)?,
-        Clip::Dynamic { ratio, max } => {
-            let b = x0.dim(0)?;
-            let flat: Vec<Vec<f32>> = x0.flatten_from(1)?.to_device(&Device::Cpu)?.to_vec2()?;
-            let s: Vec<f32> = flat
-                .iter()
-                .map(|img| dynamic_threshold(img, ratio, max))
-                .collect();
-            let mut shape = vec![1usize; x0.rank()];
-            shape[0] = b;
-            let s = Tensor::from_vec(s, shape, x0.device())?;
-            x0.broadcast_minimum(&s)?
-                .broadcast_maximum(&s.neg()?)?
-                .broadcast_div(&s)?
-        }
-    };
+    let x0 = apply_clip(x0, k.clip)?;
     let eps = if k.use_clipped_model_output {
         ((&x - x0.affine(sa, 0.0)?)? / sb)?
     } else {

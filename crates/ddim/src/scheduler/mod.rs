@@ -10,6 +10,7 @@ mod config;
 mod ddim;
 mod ddim_inverse;
 mod ddpm;
+mod dpm_solver;
 pub(crate) mod kernel;
 pub mod sigmas;
 
@@ -22,6 +23,7 @@ pub use config::{
 pub use ddim::{DDIMScheduler, DdimSampler};
 pub use ddim_inverse::DDIMInverseScheduler;
 pub use ddpm::DDPMScheduler;
+pub use dpm_solver::DPMSolverMultistepScheduler;
 
 use crate::{Error, Result};
 
@@ -144,6 +146,9 @@ pub fn build(
             scheduler.set_timesteps(n)?;
             Box::new(scheduler)
         }
+        SchedulerKind::DpmSolverMultistep => {
+            Box::new(DPMSolverMultistepScheduler::new(&config, n)?)
+        }
         other => {
             return Err(Error::argument(
                 "scheduler",
@@ -163,6 +168,7 @@ pub fn implemented_names() -> String {
         SchedulerKind::Ddim,
         SchedulerKind::Ddpm,
         SchedulerKind::DdimInverse,
+        SchedulerKind::DpmSolverMultistep,
     ]
     .iter()
     .map(|k| k.class_name())
