@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use ddim::loader::{load_unet, UNetFiles};
-use ddim::scheduler::{SchedulerConfig, TimestepSpacing};
+use ddim::scheduler::{SchedulerConfig, SchedulerKind, TimestepSpacing};
 use ddim::unet::{UNet2DConfig, UNet2DModel};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -341,7 +341,10 @@ impl Model {
         let Some(name) = self.scheduler_config.class_name.as_deref() else {
             return Ok(());
         };
-        if ddim::scheduler::SchedulerKind::from_class_name(name).is_some() {
+        let implemented = ddim::scheduler::implemented_names();
+        if ddim::scheduler::SchedulerKind::from_class_name(name)
+            .is_some_and(|k| implemented.split(", ").any(|n| n == k.class_name()))
+        {
             return Ok(());
         }
         let file = self
@@ -350,10 +353,10 @@ impl Model {
             .map_or_else(|| self.source.clone(), |p| p.display().to_string());
         Err(UsageError(format!(
             "{file}: the scheduler config names `{name}`, which ddim does not implement (yet); \
-             it reads DDIMScheduler, DDPMScheduler (sampled with DDIM unless --scheduler ddpm, as \
-             DDIMPipeline does), GaussianDDPMScheduler and DDIMInverseScheduler configs. To sample \
-             this model with DDIM anyway, pass --scheduler-config with one of those (e.g. `ddim \
-             schedule --save-config` writes one)"
+             it reads {implemented} configs (DDPMScheduler configs are sampled with DDIM unless \
+             --scheduler says otherwise, as DDIMPipeline does). To sample this model anyway, \
+             pass --scheduler-config with one of those (e.g. `ddim schedule --save-config` \
+             writes one)"
         ))
         .into())
     }
@@ -366,6 +369,82 @@ fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {
         eprintln!("warning: {}: unknown key `{key}` ignored", path.display());
     }
     Ok(loaded.config)
+}
+
+/// The sampler a command was asked for: `--scheduler NAME`, `--karras-sigmas` and
+/// `--scheduler-option KEY=VALUE`, checked before a model is loaded.
+#[derive(Clone, Debug, Default)]
+pub struct SamplerChoice {
+    /// The class `--scheduler` names; `None`: the one the model's config chooses.
+    kind: Option<SchedulerKind>,
+    /// The options the name implies, then `--karras-sigmas`, then `--scheduler-option`s.
+    options: ddim::scheduler::SamplerOptions,
+}
+
+impl SamplerChoice {
+    /// Parses the flags; errors name the flag and what it takes.
+    pub fn parse(name: Option<&str>, karras: bool, options: &[String]) -> Result<Self> {
+        let (kind, mut map) = match name {
+            Some(name) => {
+                let (kind, map) = ddim::scheduler::parse_sampler(name)
+                    .map_err(|e| UsageError(format!("--scheduler {name}: {e}")))?;
+                (Some(kind), map)
+            }
+            None => (None, Default::default()),
+        };
+        if karras {
+            map.insert("use_karras_sigmas".into(), true.into());
+        }
+        for option in options {
+            let Some((key, value)) = option.split_once('=') else {
+                return Err(UsageError(format!(
+                    "--scheduler-option {option}: expected KEY=VALUE, e.g. solver_order=3"
+                ))
+                .into());
+            };
+            // JSON (3, true, null, "x"), or else the text as a string (trailing, sigma_min).
+            let value = serde_json::from_str(value.trim())
+                .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+            map.insert(key.trim().to_string(), value);
+        }
+        Ok(SamplerChoice { kind, options: map })
+    }
+
+    /// The class this run samples with and its config: the model's config converted to the
+    /// class `--scheduler` names (as diffusers' `from_config` does), or else to the class the
+    /// config names, with DDIM for DDPM and DDIM configs (as `DDIMPipeline` samples a
+    /// DDPM-trained model); then the options set.
+    pub fn resolve(&self, config: &SchedulerConfig) -> Result<(SchedulerKind, SchedulerConfig)> {
+        let kind = self.kind.unwrap_or(match config.kind() {
+            None
+            | Some(SchedulerKind::Ddpm)
+            | Some(SchedulerKind::Ddim)
+            | Some(SchedulerKind::DdimInverse) => SchedulerKind::Ddim,
+            Some(other) => other,
+        });
+        let converted = if config.kind() == Some(kind) {
+            config.clone()
+        } else {
+            config.converted_to(kind)?
+        };
+        let config = converted.with_options(&self.options).map_err(|e| {
+            UsageError(format!(
+                "{e} (from --scheduler, --karras-sigmas or --scheduler-option)"
+            ))
+        })?;
+        config.check_implemented(kind)?;
+        Ok((kind, config))
+    }
+}
+
+/// The name a run record gives a sampler: `ddim` and `ddpm` as before, else the class name
+/// (a short name's options are in the record's `scheduler.*` keys).
+pub fn sampler_record_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Ddim => "ddim",
+        SchedulerKind::Ddpm => "ddpm",
+        other => other.class_name(),
+    }
 }
 
 /// The progress bar of every command: on stderr, `total` `unit`s labelled `what`, with the

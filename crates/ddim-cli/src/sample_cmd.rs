@@ -16,15 +16,6 @@ use crate::common::{self, ComputeArgs, Model, ModelArgs};
 use crate::run_record::{Claim, RunRecord};
 use crate::UsageError;
 
-/// The sampler.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum SamplerArg {
-    /// DDIM (Song et al. 2020); deterministic at --eta 0.
-    Ddim,
-    /// DDPM ancestral sampling (Ho et al. 2020).
-    Ddpm,
-}
-
 /// Where the noise comes from.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum RngArg {
@@ -53,13 +44,25 @@ pub struct SampleArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// The sampler.
-    #[arg(long, value_enum, default_value = "ddim")]
-    pub scheduler: SamplerArg,
-    /// Inference steps [default: 50 for DDIM, 1000 for DDPM].
+    /// The sampler: ddim, ddpm, dpm++2m, dpm++3m, dpm++2m-sde, dpm++3m-sde, unipc, deis, euler,
+    /// euler-a, heun, pndm, lms, or a diffusers class name (DPMSolverMultistepScheduler, ...).
+    /// The model's scheduler config is converted to it as diffusers' `from_config` does
+    /// [default: the class the model's scheduler config names; DDIM for DDPMScheduler and
+    /// DDIMScheduler configs, as DDIMPipeline does].
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<String>,
+    /// Karras et al. (2022) sigmas, for the samplers that have them (use_karras_sigmas).
+    #[arg(long)]
+    pub karras_sigmas: bool,
+    /// Sets a key of the sampler's scheduler config, e.g. solver_order=3,
+    /// final_sigmas_type=sigma_min or timestep_spacing=trailing (repeatable; VALUE is read as
+    /// JSON, or else as a string).
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
+    pub scheduler_options: Vec<String>,
+    /// Inference steps [default: 50; 1000 for DDPM].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DDIM's η: 0 is deterministic, 1 has DDPM's variance.
+    /// DDIM's η: 0 is deterministic, 1 has DDPM's variance (DDIM only).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub eta: f64,
     /// Number of images [default: 1, or the first dimension of --noise].
@@ -225,9 +228,11 @@ fn seeded_index(name: &str, seed: u64, range: &Range<usize>) -> Option<usize> {
 /// outputs claimed, what exists skipped), sample the planned batches, write what remains.
 pub fn run(args: SampleArgs) -> Result<()> {
     let request = Request::parse(&args)?;
-    let model = common::load_model(&args.model, request.spacing, args.compute.dtype.dtype())?;
+    let mut model = common::load_model(&args.model, request.spacing, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
-    let Some(mut plan) = Plan::new(&args, request, &model)? else {
+    let (sampler, config) = request.sampler.resolve(&model.scheduler_config)?;
+    model.scheduler_config = config;
+    let Some(mut plan) = Plan::new(&args, request, sampler, &model)? else {
         return Ok(()); // nothing to do, said why
     };
     let started = Instant::now();
@@ -246,8 +251,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
 /// What the arguments ask for, checked before a model is loaded.
 struct Request {
     spacing: Option<TimestepSpacing>,
-    sampler: SchedulerKind,
-    steps: usize,
+    sampler: common::SamplerChoice,
+    /// `--steps`; the default depends on the sampler.
+    steps: Option<usize>,
     /// Where PNG files go: `-o`, or `samples/` when no other output was asked for.
     output: Option<PathBuf>,
     /// `-o FILE.png`: one image.
@@ -261,14 +267,11 @@ impl Request {
             .as_deref()
             .map(TimestepSpacing::from_name)
             .transpose()?;
-        let sampler = match args.scheduler {
-            SamplerArg::Ddim => SchedulerKind::Ddim,
-            SamplerArg::Ddpm => SchedulerKind::Ddpm,
-        };
-        let steps = args.steps.unwrap_or(match sampler {
-            SchedulerKind::Ddpm => 1000,
-            _ => 50,
-        });
+        let sampler = common::SamplerChoice::parse(
+            args.scheduler.as_deref(),
+            args.karras_sigmas,
+            &args.scheduler_options,
+        )?;
         common::check_eta(args.eta)?;
         common::check_upscale(args.upscale)?;
         // PNG files go where -o says, or to samples/ when no other output was asked for.
@@ -287,7 +290,7 @@ impl Request {
         Ok(Request {
             spacing,
             sampler,
-            steps,
+            steps: args.steps,
             output,
             single_file,
         })
@@ -319,7 +322,32 @@ struct Plan {
 
 impl Plan {
     /// Reads x_T, sizes the run and claims its outputs; `None` when there is nothing to do.
-    fn new(args: &SampleArgs, request: Request, model: &Model) -> Result<Option<Self>> {
+    fn new(
+        args: &SampleArgs,
+        request: Request,
+        sampler: SchedulerKind,
+        model: &Model,
+    ) -> Result<Option<Self>> {
+        if sampler != SchedulerKind::Ddim && args.eta != 0.0 {
+            return Err(UsageError(format!(
+                "--eta {}: η is DDIM's; {} has none (the stochastic samplers are their own: \
+                 ddpm, euler-a, dpm++2m-sde)",
+                args.eta,
+                sampler.class_name()
+            ))
+            .into());
+        }
+        let steps = request.steps.unwrap_or(match sampler {
+            SchedulerKind::Ddpm => 1000,
+            _ => 50,
+        });
+        // Every option and the step count checked before any output is claimed.
+        ddim::scheduler::build(
+            &model.scheduler_config,
+            sampler,
+            steps,
+            ddim::scheduler::DdimStepOptions::with_eta(args.eta),
+        )?;
         let shape1 = pipeline::noise_shape(&model.unet, 1)?;
         // x_T from a file, if given
         let noise = match &args.noise {
@@ -341,8 +369,8 @@ impl Plan {
         }
         let batch = batch_size(args, n)?;
         let options = SampleOptions {
-            sampler: request.sampler,
-            num_inference_steps: request.steps,
+            sampler,
+            num_inference_steps: steps,
             eta: args.eta,
             use_clipped_model_output: false,
             class_labels: args
@@ -698,11 +726,7 @@ fn record_of(
     batch: usize,
 ) -> Result<RunRecord> {
     let kind = options.sampler;
-    let sampler = match kind {
-        SchedulerKind::Ddim => "ddim",
-        SchedulerKind::Ddpm => "ddpm",
-        other => other.class_name(),
-    };
+    let sampler = common::sampler_record_name(kind);
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let mut r = model.run_record("sample", kind, &args.compute)?;
     r.set("sampler", sampler)

@@ -6,6 +6,7 @@ mod eval;
 mod hub;
 mod invert;
 mod sample;
+mod samplers;
 mod schedule;
 mod train;
 mod untrusted;

@@ -727,12 +727,7 @@ impl SchedulerConfig {
                 None => unknown_keys.push(key.to_string()),
             }
         }
-        let mut config: SchedulerConfig = serde_path_to_error::deserialize(Value::Object(merged))
-            .map_err(|e| {
-            let key = e.path().to_string();
-            let found = obj.get(&key).map_or_else(|| "?".into(), short);
-            Error::config(&key, found, e.into_inner().to_string())
-        })?;
+        let mut config = Self::deserialize_map(merged, obj)?;
         config.class_name = class_name.map(str::to_string);
         config.validate()?;
         Ok(LoadedSchedulerConfig {
@@ -763,6 +758,43 @@ impl SchedulerConfig {
         config.class_name = Some(kind.class_name().to_string());
         config.validate()?;
         Ok(config)
+    }
+
+    /// This config with some of its class's keys set (`--scheduler-option`, a sampler's short
+    /// name): each key must be one its class has, each value one the key takes.
+    pub fn with_options(&self, options: &Map<String, Value>) -> Result<SchedulerConfig> {
+        let kind = self.kind().unwrap_or(SchedulerKind::Ddim);
+        let mut merged = self.to_map();
+        for (key, v) in options {
+            if !kind.keys().contains(&key.as_str()) {
+                return Err(Error::config(
+                    key,
+                    short(v),
+                    format!(
+                        "is not an option of {}; its options: {}",
+                        kind.class_name(),
+                        kind.keys().join(", ")
+                    ),
+                ));
+            }
+            merged.insert(key.clone(), v.clone());
+        }
+        let mut config = Self::deserialize_map(merged, options)?;
+        config.class_name = self.class_name.clone();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config of a full map of keys; an error names the key, with the value `given` had.
+    fn deserialize_map(
+        merged: Map<String, Value>,
+        given: &Map<String, Value>,
+    ) -> Result<SchedulerConfig> {
+        serde_path_to_error::deserialize(Value::Object(merged)).map_err(|e| {
+            let key = e.path().to_string();
+            let found = given.get(&key).map_or_else(|| "?".into(), short);
+            Error::config(&key, found, e.into_inner().to_string())
+        })
     }
 
     /// Every key and value, as [`serde_json`] writes them (non-finite numbers as the strings
@@ -818,7 +850,6 @@ impl SchedulerConfig {
                 Ok(())
             }
         };
-        let not_here = "is not implemented in ddim; the default is supported";
         for (key, set) in [
             ("use_exponential_sigmas", self.use_exponential_sigmas),
             ("use_beta_sigmas", self.use_beta_sigmas),
@@ -847,9 +878,6 @@ impl SchedulerConfig {
                 "a scheduler".into(),
                 "must be null: a predictor scheduler cannot be given in a config file",
             )?;
-        }
-        if self.timestep_type == TimestepType::Continuous {
-            refuse("timestep_type", "\"continuous\"".into(), not_here)?;
         }
         Ok(())
     }

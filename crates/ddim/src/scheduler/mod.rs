@@ -10,9 +10,16 @@ mod config;
 mod ddim;
 mod ddim_inverse;
 mod ddpm;
+mod deis;
 mod dpm_solver;
+mod euler;
+mod euler_ancestral;
+mod heun;
 pub(crate) mod kernel;
+mod lms;
+mod pndm;
 pub mod sigmas;
+mod unipc;
 
 use candle_core::Tensor;
 
@@ -23,7 +30,14 @@ pub use config::{
 pub use ddim::{DDIMScheduler, DdimSampler};
 pub use ddim_inverse::DDIMInverseScheduler;
 pub use ddpm::DDPMScheduler;
+pub use deis::DEISMultistepScheduler;
 pub use dpm_solver::DPMSolverMultistepScheduler;
+pub use euler::EulerDiscreteScheduler;
+pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use heun::HeunDiscreteScheduler;
+pub use lms::{lagrange_integral, LMSDiscreteScheduler, LMS_ORDER};
+pub use pndm::PNDMScheduler;
+pub use unipc::UniPCMultistepScheduler;
 
 use crate::{Error, Result};
 
@@ -149,17 +163,99 @@ pub fn build(
         SchedulerKind::DpmSolverMultistep => {
             Box::new(DPMSolverMultistepScheduler::new(&config, n)?)
         }
-        other => {
-            return Err(Error::argument(
-                "scheduler",
-                other.class_name(),
-                format!(
-                    "is not implemented yet; implemented: {}",
-                    implemented_names()
-                ),
-            ))
+        SchedulerKind::EulerDiscrete => {
+            let mut scheduler = EulerDiscreteScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
         }
+        SchedulerKind::EulerAncestralDiscrete => {
+            let mut scheduler = EulerAncestralDiscreteScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        SchedulerKind::HeunDiscrete => {
+            let mut scheduler = HeunDiscreteScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        SchedulerKind::LmsDiscrete => {
+            let mut scheduler = LMSDiscreteScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        SchedulerKind::Pndm => {
+            let mut scheduler = PNDMScheduler::new(&config)?;
+            scheduler.set_timesteps(n)?;
+            Box::new(scheduler)
+        }
+        SchedulerKind::UniPcMultistep => Box::new(UniPCMultistepScheduler::new(&config, n)?),
+        SchedulerKind::DeisMultistep => Box::new(DEISMultistepScheduler::new(&config, n)?),
     })
+}
+
+/// The samplers the command line names besides diffusers' class names: each a class and the
+/// options the name implies (on top of the model's config converted to that class).
+pub const SAMPLER_NAMES: &[(&str, SchedulerKind, &str)] = &[
+    ("ddim", SchedulerKind::Ddim, "{}"),
+    ("ddpm", SchedulerKind::Ddpm, "{}"),
+    (
+        "dpm++2m",
+        SchedulerKind::DpmSolverMultistep,
+        r#"{"algorithm_type": "dpmsolver++", "solver_order": 2}"#,
+    ),
+    (
+        "dpm++3m",
+        SchedulerKind::DpmSolverMultistep,
+        r#"{"algorithm_type": "dpmsolver++", "solver_order": 3}"#,
+    ),
+    (
+        "dpm++2m-sde",
+        SchedulerKind::DpmSolverMultistep,
+        r#"{"algorithm_type": "sde-dpmsolver++", "solver_order": 2}"#,
+    ),
+    (
+        "dpm++3m-sde",
+        SchedulerKind::DpmSolverMultistep,
+        r#"{"algorithm_type": "sde-dpmsolver++", "solver_order": 3}"#,
+    ),
+    ("unipc", SchedulerKind::UniPcMultistep, "{}"),
+    ("deis", SchedulerKind::DeisMultistep, "{}"),
+    ("euler", SchedulerKind::EulerDiscrete, "{}"),
+    ("euler-a", SchedulerKind::EulerAncestralDiscrete, "{}"),
+    ("heun", SchedulerKind::HeunDiscrete, "{}"),
+    ("pndm", SchedulerKind::Pndm, "{}"),
+    ("lms", SchedulerKind::LmsDiscrete, "{}"),
+];
+
+/// The options a sampler choice sets on the model's config.
+pub type SamplerOptions = serde_json::Map<String, serde_json::Value>;
+
+/// A sampler named by a short name ([`SAMPLER_NAMES`]) or a diffusers class name: its class and
+/// the options the name implies. An unknown name is an error listing every name.
+pub fn parse_sampler(name: &str) -> Result<(SchedulerKind, SamplerOptions)> {
+    if let Some((_, kind, options)) = SAMPLER_NAMES.iter().find(|(n, _, _)| *n == name) {
+        let options = match serde_json::from_str(options) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => SamplerOptions::new(),
+        };
+        return Ok((*kind, options));
+    }
+    match SchedulerKind::from_class_name(name) {
+        Some(kind) if kind != SchedulerKind::DdimInverse => Ok((kind, SamplerOptions::new())),
+        _ => Err(Error::argument(
+            "scheduler",
+            name,
+            format!(
+                "allowed: {}, or a class name: {}",
+                SAMPLER_NAMES
+                    .iter()
+                    .map(|(n, _, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                implemented_names()
+            ),
+        )),
+    }
 }
 
 /// The class names [`build`] accepts.
@@ -169,6 +265,13 @@ pub fn implemented_names() -> String {
         SchedulerKind::Ddpm,
         SchedulerKind::DdimInverse,
         SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::EulerDiscrete,
+        SchedulerKind::EulerAncestralDiscrete,
+        SchedulerKind::HeunDiscrete,
+        SchedulerKind::LmsDiscrete,
+        SchedulerKind::Pndm,
+        SchedulerKind::UniPcMultistep,
+        SchedulerKind::DeisMultistep,
     ]
     .iter()
     .map(|k| k.class_name())
