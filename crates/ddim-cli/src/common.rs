@@ -64,8 +64,8 @@ pub struct ModelArgs {
     /// Where the model runs.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Use this scheduler_config.json instead of the model folder's (any of diffusers' DDIM,
-    /// DDPM or DDIM-inverse configs).
+    /// Use this scheduler_config.json instead of the model folder's (a config of any class ddim
+    /// implements: DDIM, DDPM, DPM-Solver, UniPC, DEIS, Euler, Heun, PNDM, LMS, ...).
     #[arg(long, value_name = "FILE.json")]
     pub scheduler_config: Option<PathBuf>,
     /// No progress bar.
@@ -422,6 +422,15 @@ impl SamplerChoice {
             | Some(SchedulerKind::DdimInverse) => SchedulerKind::Ddim,
             Some(other) => other,
         });
+        self.resolve_as(config, kind)
+    }
+
+    /// [`Self::resolve`] with the class given.
+    pub fn resolve_as(
+        &self,
+        config: &SchedulerConfig,
+        kind: SchedulerKind,
+    ) -> Result<(SchedulerKind, SchedulerConfig)> {
         let converted = if config.kind() == Some(kind) {
             config.clone()
         } else {

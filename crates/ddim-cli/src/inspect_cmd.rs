@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use ddim::loader::WeightFiles;
-use ddim::scheduler::{DDIMScheduler, SchedulerKind};
+use ddim::scheduler::SchedulerKind;
 
 use crate::common::{self, ModelArgs};
 
@@ -11,7 +11,7 @@ use crate::common::{self, ModelArgs};
 pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The DDIM steps to show the schedule for.
+    /// The inference steps to show the schedule for.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
 }
@@ -89,23 +89,36 @@ pub fn run(args: InspectArgs) -> Result<()> {
         say!("sample would refuse this model: {refused}");
         return Ok(());
     }
-    let mut s = DDIMScheduler::new(cfg)?;
-    s.set_timesteps(args.steps)?;
-    let ts = s.timesteps();
+    // The sampler the folder chooses (DDIM for DDPM/DDIM configs, as DDIMPipeline does).
+    let (kind, cfg) = common::SamplerChoice::parse(None, false, &[])?.resolve(cfg)?;
+    let s = ddim::scheduler::build(&cfg, kind, args.steps, Default::default())?;
+    let ts: Vec<String> = s
+        .model_timesteps()
+        .iter()
+        .map(|t| {
+            if t.fract() == 0.0 {
+                format!("{t:.0}")
+            } else {
+                format!("{t:.3}")
+            }
+        })
+        .collect();
     let shown: Vec<String> = if ts.len() > 12 {
         ts[..6]
             .iter()
-            .map(ToString::to_string)
+            .cloned()
             .chain(std::iter::once("...".to_string()))
-            .chain(ts[ts.len() - 3..].iter().map(ToString::to_string))
+            .chain(ts[ts.len() - 3..].iter().cloned())
             .collect()
     } else {
-        ts.iter().map(ToString::to_string).collect()
+        ts.clone()
     };
     let shape = ddim::pipeline::noise_shape(&model.unet, 1)?;
     say!(
-        "`ddim sample` runs: DDIM, {} steps, eta 0, spacing {}, {} prediction, on {:?}\n  images {}x{}x{}; timesteps [{}]",
-        ts.len(),
+        "`ddim sample` runs: {}, {} steps{}, spacing {}, {} prediction, on {:?}\n  images {}x{}x{}; timesteps [{}]",
+        if kind == SchedulerKind::Ddim { "DDIM" } else { kind.class_name() },
+        args.steps,
+        if kind == SchedulerKind::Ddim { ", eta 0" } else { "" },
         cfg.timestep_spacing,
         cfg.prediction_type,
         model.device,

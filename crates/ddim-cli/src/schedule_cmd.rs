@@ -1,26 +1,26 @@
-//! `ddim schedule`: the timesteps, ᾱ and σ of a scheduler config, for checking a schedule
-//! against a paper or against diffusers before sampling.
+//! `ddim schedule`: the timesteps, ᾱ and σ of a scheduler config (or, for the sigma-based
+//! samplers, their model timesteps and sigmas), for checking a schedule against a paper or
+//! against diffusers before sampling.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use ddim::scheduler::{
-    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, PredictionType, SchedulerConfig,
-    SchedulerKind, TimestepSpacing,
+    DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DdimStepOptions, PredictionType,
+    SchedulerConfig, SchedulerKind, TimestepSpacing,
 };
 
-use crate::common;
+use crate::common::{self, SamplerChoice};
 
 /// Which scheduler's schedule to print.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Which {
-    /// DDIM sampling (the default).
+#[derive(Clone, Copy, Debug)]
+enum Which {
     Ddim,
-    /// DDPM ancestral sampling.
     Ddpm,
-    /// DDIM inversion (x_0 -> x_T).
     DdimInverse,
+    /// Any other sampler: its model timesteps and sigmas.
+    Other(SchedulerKind),
 }
 
 #[derive(Args, Debug)]
@@ -28,9 +28,18 @@ pub struct ScheduleArgs {
     /// A diffusers `scheduler_config.json` (default: diffusers' DDIMScheduler defaults).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The scheduler.
-    #[arg(long, value_enum, default_value = "ddim")]
-    scheduler: Which,
+    /// The scheduler: ddim, ddpm, ddim-inverse, or any sampler `ddim sample --scheduler` takes
+    /// (dpm++2m, unipc, euler, ..., or a diffusers class name); the config is converted to it
+    /// as diffusers' `from_config` does.
+    #[arg(long, default_value = "ddim", value_name = "NAME")]
+    scheduler: String,
+    /// Karras et al. (2022) sigmas, for the samplers that have them (use_karras_sigmas).
+    #[arg(long)]
+    karras_sigmas: bool,
+    /// Sets a key of the scheduler's config (repeatable; VALUE is read as JSON, or else as a
+    /// string).
+    #[arg(long, value_name = "KEY=VALUE")]
+    scheduler_option: Vec<String>,
     /// The number of inference steps.
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -54,20 +63,19 @@ pub struct ScheduleArgs {
 
 /// `ddim schedule`: print (or save) a scheduler's timesteps with ᾱ and σ at each.
 pub fn run(args: ScheduleArgs) -> Result<()> {
-    let config = read_config(&args)?;
+    let (which, config) = resolve(&args)?;
     common::check_eta(args.eta)?;
     if let Some(path) = &args.save_config {
         common::refuse_existing(path, args.overwrite)?;
-        let kind = match args.scheduler {
-            Which::Ddim => SchedulerKind::Ddim,
-            Which::Ddpm => SchedulerKind::Ddpm,
-            Which::DdimInverse => SchedulerKind::DdimInverse,
-        };
+        let kind = which.kind();
         config.save(kind, path)?;
         eprintln!("wrote {} ({})", path.display(), kind.class_name());
     }
-    let rows = rows(&args, &config)?;
-    let other = match args.scheduler {
+    if let Which::Other(kind) = which {
+        return print_sigmas(&args, kind, &config);
+    }
+    let rows = rows(&args, which, &config)?;
+    let other = match which {
         Which::DdimInverse => "from",
         _ => "next",
     };
@@ -80,7 +88,79 @@ pub fn run(args: ScheduleArgs) -> Result<()> {
             .collect();
         say!("{}", serde_json::to_string_pretty(&items)?);
     } else {
-        print_table(&args, &config, &rows, other);
+        print_table(which, &config, &rows, other);
+    }
+    Ok(())
+}
+
+impl Which {
+    fn kind(self) -> SchedulerKind {
+        match self {
+            Which::Ddim => SchedulerKind::Ddim,
+            Which::Ddpm => SchedulerKind::Ddpm,
+            Which::DdimInverse => SchedulerKind::DdimInverse,
+            Which::Other(kind) => kind,
+        }
+    }
+}
+
+/// The scheduler `--scheduler` names and the config converted to it, options applied.
+fn resolve(args: &ScheduleArgs) -> Result<(Which, SchedulerConfig)> {
+    let config = read_config(args)?;
+    let name = args.scheduler.as_str();
+    if matches!(name, "ddim-inverse" | "DDIMInverseScheduler") {
+        let choice = SamplerChoice::parse(None, args.karras_sigmas, &args.scheduler_option)?;
+        let (_, config) = choice.resolve_as(&config, SchedulerKind::DdimInverse)?;
+        return Ok((Which::DdimInverse, config));
+    }
+    let choice = SamplerChoice::parse(Some(name), args.karras_sigmas, &args.scheduler_option)?;
+    let (kind, config) = choice.resolve(&config)?;
+    let which = match kind {
+        SchedulerKind::Ddim => Which::Ddim,
+        SchedulerKind::Ddpm => Which::Ddpm,
+        SchedulerKind::DdimInverse => Which::DdimInverse,
+        other => Which::Other(other),
+    };
+    Ok((which, config))
+}
+
+/// A sigma-based (or multistep) sampler's schedule: each step's model timestep and sigma.
+fn print_sigmas(args: &ScheduleArgs, kind: SchedulerKind, config: &SchedulerConfig) -> Result<()> {
+    let s = ddim::scheduler::build(config, kind, args.steps, DdimStepOptions::default())?;
+    let timesteps = s.model_timesteps();
+    let sigmas = s.sigmas();
+    let sigma = |i: usize| sigmas.as_ref().and_then(|v| v.get(i).copied());
+    if args.json {
+        let steps: Vec<serde_json::Value> = timesteps
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| serde_json::json!({"t": t, "sigma": sigma(i)}))
+            .collect();
+        let out = serde_json::json!({
+            "scheduler": kind.class_name(),
+            "init_noise_sigma": s.init_noise_sigma(),
+            "steps": steps,
+            "sigmas": sigmas,
+        });
+        say!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    say!(
+        "# {}, {} model calls, spacing {}, init_noise_sigma {}",
+        kind.class_name(),
+        timesteps.len(),
+        config.timestep_spacing,
+        s.init_noise_sigma()
+    );
+    say!("{:>5} {:>12} {:>14}", "step", "t", "sigma");
+    for (i, t) in timesteps.iter().enumerate() {
+        let sg = sigma(i).map_or("-".to_string(), |v| format!("{v:.6}"));
+        say!("{i:>5} {t:>12.4} {sg:>14}");
+    }
+    if let Some(v) = &sigmas {
+        if v.len() > timesteps.len() {
+            say!("final sigma {}", v[v.len() - 1]);
+        }
     }
     Ok(())
 }
@@ -109,8 +189,8 @@ fn read_config(args: &ScheduleArgs) -> Result<SchedulerConfig> {
 type Row = (usize, f32, Option<usize>, f32, f32);
 
 /// Every step of the chosen scheduler.
-fn rows(args: &ScheduleArgs, config: &SchedulerConfig) -> Result<Vec<Row>> {
-    Ok(match args.scheduler {
+fn rows(args: &ScheduleArgs, which: Which, config: &SchedulerConfig) -> Result<Vec<Row>> {
+    Ok(match which {
         Which::Ddim => {
             let mut s = DDIMScheduler::new(config)?;
             s.set_timesteps(args.steps)?;
@@ -152,11 +232,12 @@ fn rows(args: &ScheduleArgs, config: &SchedulerConfig) -> Result<Vec<Row>> {
                 })
                 .collect::<ddim::Result<_>>()?
         }
+        Which::Other(_) => Vec::new(),
     })
 }
 
 /// The schedule as an aligned table.
-fn print_table(args: &ScheduleArgs, config: &SchedulerConfig, rows: &[Row], other: &str) {
+fn print_table(which: Which, config: &SchedulerConfig, rows: &[Row], other: &str) {
     let pred = match config.prediction_type {
         PredictionType::Epsilon => "epsilon",
         PredictionType::Sample => "sample",
@@ -164,7 +245,7 @@ fn print_table(args: &ScheduleArgs, config: &SchedulerConfig, rows: &[Row], othe
     };
     say!(
         "# {:?}, {} steps, spacing {}, {} prediction, T = {}",
-        args.scheduler,
+        which,
         rows.len(),
         config.timestep_spacing,
         pred,
