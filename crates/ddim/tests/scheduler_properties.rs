@@ -476,9 +476,13 @@ fn config_files_load_like_diffusers() {
     assert_eq!(legacy.config.kind(), Some(SchedulerKind::Ddpm));
     assert!(legacy.unknown_keys.is_empty(), "{:?}", legacy.unknown_keys);
     // Unknown keys are reported, not fatal; missing keys take the defaults.
-    let l =
-        SchedulerConfig::from_json_str(r#"{"skip_prk_steps": true, "beta_end": 0.012}"#).unwrap();
-    assert_eq!(l.unknown_keys, vec!["skip_prk_steps".to_string()]);
+    // (skip_prk_steps, once unknown, is PNDMScheduler's and known now.)
+    let l = SchedulerConfig::from_json_str(
+        r#"{"skip_prk_steps": true, "not_a_diffusers_key": 1, "beta_end": 0.012}"#,
+    )
+    .unwrap();
+    assert_eq!(l.unknown_keys, vec!["not_a_diffusers_key".to_string()]);
+    assert!(l.config.skip_prk_steps);
     assert_eq!(l.config.beta_end, 0.012);
     assert_eq!(l.config.beta_start, 0.0001);
     // Written back and read again: the same config.
