@@ -89,9 +89,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
         say!("sample would refuse this model: {refused}");
         return Ok(());
     }
-    // The sampler the folder chooses (DDIM for DDPM/DDIM configs, as DDIMPipeline does).
-    let (kind, cfg) = common::SamplerChoice::parse(None, false, &[])?.resolve(cfg)?;
-    let s = ddim::scheduler::build(&cfg, kind, args.steps, Default::default())?;
+    print_sampler(&model, args.steps)
+}
+
+/// The sampler `ddim sample` runs on the model (the folder chooses: DDIM for DDPM/DDIM configs,
+/// as DDIMPipeline does) and its timesteps.
+fn print_sampler(model: &common::Model, steps: usize) -> Result<()> {
+    let (kind, cfg) =
+        common::SamplerChoice::parse(None, false, &[])?.resolve(&model.scheduler_config)?;
+    let s = ddim::scheduler::build(&cfg, kind, steps, Default::default())?;
     let ts: Vec<String> = s
         .model_timesteps()
         .iter()
@@ -117,7 +123,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
     say!(
         "`ddim sample` runs: {}, {} steps{}, spacing {}, {} prediction, on {:?}\n  images {}x{}x{}; timesteps [{}]",
         if kind == SchedulerKind::Ddim { "DDIM" } else { kind.class_name() },
-        args.steps,
+        steps,
         if kind == SchedulerKind::Ddim { ", eta 0" } else { "" },
         cfg.timestep_spacing,
         cfg.prediction_type,

@@ -255,11 +255,11 @@ fn a_scheduler_ddim_does_not_implement_is_refused_and_python_json_parses() {
         std::fs::copy(tiny_model().join(f), model.join(f)).unwrap();
     }
     let config = model.join("scheduler/scheduler_config.json");
-    // what diffusers 0.42 saves for DPMSolverMultistepScheduler (abridged): Python's -Infinity
+    // a sampler class ddim does not implement: refused, naming it and what is implemented
     std::fs::write(
         &config,
-        r#"{"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
-            "beta_schedule": "linear", "lambda_min_clipped": -Infinity, "solver_order": 2}"#,
+        r#"{"_class_name": "KDPM2DiscreteScheduler", "num_train_timesteps": 1000,
+            "beta_schedule": "linear"}"#,
     )
     .unwrap();
     let out = tmp.path().join("out");
@@ -271,11 +271,27 @@ fn a_scheduler_ddim_does_not_implement_is_refused_and_python_json_parses() {
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(
-        e.contains("DPMSolverMultistepScheduler") && e.contains("DDIMScheduler"),
+        e.contains("KDPM2DiscreteScheduler") && e.contains("DDIMScheduler"),
         "{e}"
     );
     assert!(!out.exists());
+    // What diffusers 0.42 saves for DPMSolverMultistepScheduler (abridged), Python's -Infinity
+    // included, parses and samples with that class; the record names it.
+    std::fs::write(
+        &config,
+        r#"{"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000,
+            "beta_schedule": "linear", "lambda_min_clipped": -Infinity, "solver_order": 2}"#,
+    )
+    .unwrap();
+    ok(&sample(
+        tmp.path(),
+        Some(&out),
+        &["--model", model.to_str().unwrap()],
+    ));
+    let record = std::fs::read_to_string(out.join("ddim-run.json")).unwrap();
+    assert!(record.contains("DPMSolverMultistepScheduler"), "{record}");
     // A DDIM config with the same tokens parses and samples.
+    let out = tmp.path().join("out-ddim");
     std::fs::write(
         &config,
         r#"{"_class_name": "DDIMScheduler", "beta_schedule": "linear", "some_new_key": NaN}"#,
