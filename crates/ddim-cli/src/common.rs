@@ -290,6 +290,21 @@ fn load_model_as(
     })
 }
 
+/// A SHA-256 of a UNet's config and weights files (every shard), wherever the folder is.
+pub fn unet_files_sha256(files: &UNetFiles) -> Result<String> {
+    let mut paths = vec![files.config.clone()];
+    match &files.weights {
+        ddim::loader::WeightFiles::Safetensors(p) | ddim::loader::WeightFiles::PyTorch(p) => {
+            paths.push(p.clone())
+        }
+        ddim::loader::WeightFiles::ShardedSafetensors { index, shards } => {
+            paths.push(index.clone());
+            paths.extend(shards.iter().cloned());
+        }
+    }
+    crate::run_record::sha256_files(&paths)
+}
+
 impl Model {
     /// A SHA-256 of the UNet's config and weights files (of the embedded bytes for the built-in
     /// model): the model's identity in a run record, wherever the folder is.
@@ -300,17 +315,7 @@ impl Model {
                 builtin::WEIGHTS,
             ]));
         };
-        let mut paths = vec![files.config.clone()];
-        match &files.weights {
-            ddim::loader::WeightFiles::Safetensors(p) | ddim::loader::WeightFiles::PyTorch(p) => {
-                paths.push(p.clone())
-            }
-            ddim::loader::WeightFiles::ShardedSafetensors { index, shards } => {
-                paths.push(index.clone());
-                paths.extend(shards.iter().cloned());
-            }
-        }
-        crate::run_record::sha256_files(&paths)
+        unet_files_sha256(files)
     }
 
     /// A run record of `command` holding what every command that runs this model records: the

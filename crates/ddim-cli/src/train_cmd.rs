@@ -1,13 +1,14 @@
 //! `ddim train`: trains a UNet with the DDPM objective on a folder of images or a built-in set,
 //! saving diffusers-layout checkpoints and the training state for `--resume`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::Args;
 use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
@@ -31,6 +32,12 @@ pub struct TrainArgs {
     /// Continue the run saved in --output (its config is kept; --steps may raise the total).
     #[arg(long)]
     pub resume: bool,
+    /// Start from this model's weights (a diffusers folder or hub id, e.g. the built-in model's
+    /// folder in this repository) instead of a seeded initialisation: its UNet config (at
+    /// --resolution) and, unless --scheduler-config is given, its noise schedule. The AdamW
+    /// moments start at zero and the EMA at the given weights.
+    #[arg(long, value_name = "DIR|HUB_ID", conflicts_with_all = ["preset", "unet_config", "resume"])]
+    pub init_from: Option<String>,
     /// A diffusers UNet config.json to train (sample_size is set to --resolution).
     #[arg(long, value_name = "FILE.json", conflicts_with = "preset")]
     pub unet_config: Option<PathBuf>,
@@ -107,6 +114,7 @@ impl TrainArgs {
         let given = [
             ("--unet-config", self.unet_config.is_some()),
             ("--preset", self.preset.is_some()),
+            ("--init-from", self.init_from.is_some()),
             ("--batch-size", self.batch_size.is_some()),
             ("--lr", self.lr.is_some()),
             ("--lr-schedule", self.lr_schedule.is_some()),
@@ -128,20 +136,79 @@ fn usage(msg: String) -> anyhow::Error {
     UsageError(msg).into()
 }
 
-/// The run's config from the flags, for the dataset's channels and size.
-fn config_from_args(args: &TrainArgs, data: &Dataset) -> Result<TrainConfig> {
-    let unet = match &args.unet_config {
-        Some(path) => {
-            let (mut cfg, unknown) = UNet2DConfig::from_file(path)?;
+/// The weights, UNet config and noise schedule of `--init-from`.
+struct InitModel {
+    /// What the run records: the model as given and its weights' SHA-256.
+    description: String,
+    unet: UNet2DConfig,
+    scheduler: Option<SchedulerConfig>,
+    weights: HashMap<String, Tensor>,
+}
+
+fn open_init_model(spec: &str, quiet: bool) -> Result<InitModel> {
+    let dir = common::model_dir(spec, quiet)?;
+    let files = ddim::loader::find_unet_files(&dir)
+        .with_context(|| format!("--init-from {spec}: reading the model's UNet"))?;
+    let (unet, unknown) = UNet2DConfig::from_file(&files.config)?;
+    for key in unknown {
+        eprintln!(
+            "warning: {}: unknown key `{key}` ignored",
+            files.config.display()
+        );
+    }
+    let weights: HashMap<String, Tensor> = ddim::loader::read_unet_tensors(&files.weights)
+        .with_context(|| format!("--init-from {spec}: reading the weights"))?
+        .into_iter()
+        .collect();
+    let scheduler = match files.scheduler_config.as_deref() {
+        Some(path) => Some(
+            SchedulerConfig::from_file(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .config,
+        ),
+        None => None,
+    };
+    Ok(InitModel {
+        description: format!(
+            "{spec} (UNet sha256 {})",
+            common::unet_files_sha256(&files)?
+        ),
+        unet,
+        scheduler,
+        weights,
+    })
+}
+
+/// The run's config from the flags (and the `--init-from` model), for the dataset's channels
+/// and size.
+fn config_from_args(
+    args: &TrainArgs,
+    data: &Dataset,
+    init: Option<&InitModel>,
+) -> Result<TrainConfig> {
+    let given = match (&args.unet_config, init) {
+        (Some(path), _) => {
+            let (cfg, unknown) = UNet2DConfig::from_file(path)?;
             for key in unknown {
                 eprintln!("warning: {}: unknown key `{key}` ignored", path.display());
             }
+            Some((format!("--unet-config {}", path.display()), cfg))
+        }
+        (None, Some(init)) => Some((
+            format!(
+                "--init-from {}",
+                args.init_from.as_deref().unwrap_or_default()
+            ),
+            init.unet.clone(),
+        )),
+        (None, None) => None,
+    };
+    let unet = match given {
+        Some((flag, mut cfg)) => {
             if cfg.in_channels != data.channels {
                 return Err(usage(format!(
-                    "--unet-config {}: in_channels {} does not match the data's {} channel(s)",
-                    path.display(),
-                    cfg.in_channels,
-                    data.channels
+                    "{flag}: in_channels {} does not match the data's {} channel(s)",
+                    cfg.in_channels, data.channels
                 )));
             }
             cfg.sample_size = Some((data.size, data.size));
@@ -164,6 +231,12 @@ fn config_from_args(args: &TrainArgs, data: &Dataset) -> Result<TrainConfig> {
         )));
     }
     let mut cfg = TrainConfig::new(unet);
+    if let Some(init) = init {
+        if let Some(scheduler) = &init.scheduler {
+            cfg.scheduler = scheduler.clone();
+        }
+        cfg.init_from = Some(init.description.clone());
+    }
     if let Some(path) = &args.scheduler_config {
         let loaded = SchedulerConfig::from_file(path)?;
         for key in &loaded.unknown_keys {
@@ -300,8 +373,19 @@ fn start_or_resume(args: &TrainArgs, data: &Dataset, device: &Device) -> Result<
                 args.output.display()
             )));
         }
-        let config = config_from_args(args, data)?;
-        Trainer::new(config, device)?
+        let init = args
+            .init_from
+            .as_deref()
+            .map(|spec| open_init_model(spec, args.quiet))
+            .transpose()?;
+        let config = config_from_args(args, data, init.as_ref())?;
+        let mut trainer = Trainer::new(config, device)?;
+        if let Some(init) = &init {
+            trainer
+                .load_weights(&init.weights)
+                .with_context(|| format!("--init-from {}", init.description))?;
+        }
+        trainer
     };
     let unet = &trainer.config().unet;
     if Some((data.size, data.size)) != unet.sample_size || data.channels != unet.in_channels {
@@ -330,7 +414,11 @@ fn describe(trainer: &Trainer, data: &Dataset) -> String {
         cfg.steps,
         cfg.batch_size,
         cfg.scheduler.prediction_type.name(),
-    )
+    ) + &cfg
+        .init_from
+        .as_ref()
+        .map(|from| format!(", starting from the weights of {from}"))
+        .unwrap_or_default()
 }
 
 /// Trains to the configured step count: a checkpoint every `--save-every` steps, at the end,

@@ -202,7 +202,8 @@ fn parameter_count_and_huge_configs() {
 }
 
 /// The training config a checkpoint stores reads back to itself, for both EMA kinds and with
-/// or without clipping; a missing key is an error that names it.
+/// or without clipping, started from the seed or from given weights; a missing key is an error
+/// that names it.
 #[test]
 fn stored_training_configs_read_back() {
     use ddim::train::{EmaDecay, TrainConfig};
@@ -216,8 +217,11 @@ fn stored_training_configs_read_back() {
         power: 0.5,
     };
     b.max_grad_norm = Some(0.5);
+    b.init_from = Some("runs/first (weights sha256 00ff)".into());
     for mut cfg in [a, b] {
         let json = cfg.to_json();
+        // the key is written only for runs that started from given weights
+        assert_eq!(json.get("init_from").is_some(), cfg.init_from.is_some());
         let back = TrainConfig::from_json(&json).unwrap();
         assert_eq!(back.to_json(), json);
         // the scheduler config is stored as diffusers writes a DDPM one, its class named

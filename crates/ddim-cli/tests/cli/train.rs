@@ -192,3 +192,103 @@ fn train_ctrl_c_saves_and_the_resumed_run_matches() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(train_losses(&a), train_losses(&b));
 }
+
+/// `--init-from` starts a run from a model's weights (raw and EMA) and noise schedule, records
+/// where they came from, resumes without the flag, and refuses what does not fit.
+#[test]
+fn train_init_from_starts_at_the_given_weights() {
+    let dir = tmp("train-init");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let o = train_cmd(&a, &["--steps", "3"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // a tiny learning rate: one AdamW step moves each weight by about lr at most
+    let o = Command::new(env!("CARGO_BIN_EXE_ddim"))
+        .args([
+            "train",
+            "--data",
+            "digits",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+        ])
+        .args(["--lr", "1e-6", "--seed", "9", "--init-from"])
+        .arg(&a)
+        .arg("-o")
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("starting from the weights of"),
+        "{}",
+        stderr(&o)
+    );
+    let cpu = candle_core::Device::Cpu;
+    let start = ddim::train::load_state(&a, &cpu)
+        .unwrap()
+        .ema_tensors()
+        .unwrap();
+    let run = ddim::train::load_state(&b, &cpu).unwrap();
+    let from = run.config().init_from.clone().unwrap();
+    assert!(
+        from.contains(a.to_str().unwrap()) && from.contains("UNet sha256"),
+        "{from}"
+    );
+    let trained = run.weights().unwrap();
+    assert_eq!(trained.len(), start.len());
+    for (name, w) in &trained {
+        let diff = (w - &start[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 2e-6, "{name}: {diff} from the --init-from weights");
+    }
+    // the run resumes with its own settings, without --init-from
+    let o = Command::new(env!("CARGO_BIN_EXE_ddim"))
+        .args([
+            "train", "--data", "digits", "-q", "--resume", "--steps", "2", "-o",
+        ])
+        .arg(&b)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // refused: with --preset, with --resume, a model whose channels do not fit the data
+    for extra in [&["--preset", "tiny"][..], &["--resume"][..]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_ddim"))
+            .args(["train", "--data", "digits", "--init-from"])
+            .arg(&a)
+            .args(extra)
+            .arg("-o")
+            .arg(dir.join("c"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+    }
+    // (the diffusers fixture folder: a 3-channel UNet)
+    let o = Command::new(env!("CARGO_BIN_EXE_ddim"))
+        .args([
+            "train",
+            "--data",
+            "digits",
+            "--init-from",
+            tiny_model(),
+            "-o",
+        ])
+        .arg(dir.join("d"))
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("--init-from") && e.contains("in_channels 3"),
+        "{e}"
+    );
+    assert!(!dir.join("c").exists() && !dir.join("d").exists());
+}

@@ -69,6 +69,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Flip each image horizontally with probability 1/2.
     pub random_flip: bool,
+    /// Where the starting weights came from ([`Trainer::load_weights`]; the caller describes
+    /// them, e.g. a model folder and its weights' SHA-256); `None`: initialised from `seed`.
+    pub init_from: Option<String>,
 }
 
 impl TrainConfig {
@@ -92,6 +95,7 @@ impl TrainConfig {
             },
             seed: 0,
             random_flip: false,
+            init_from: None,
         }
     }
 
@@ -201,6 +205,7 @@ impl TrainConfig {
             ema_power,
             seed: self.seed,
             random_flip: self.random_flip,
+            init_from: self.init_from.clone(),
         };
         serde_json::to_value(stored).expect("a training config serialises")
     }
@@ -243,6 +248,7 @@ impl TrainConfig {
             ema,
             seed: stored.seed,
             random_flip: stored.random_flip,
+            init_from: stored.init_from,
         })
     }
 }
@@ -271,6 +277,9 @@ struct StoredConfig {
     ema_power: f64,
     seed: u64,
     random_flip: bool,
+    /// Absent in runs initialised from the seed (and in states saved before the key existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init_from: Option<String>,
 }
 
 /// The named UNet configs `ddim train --preset` offers, for `channels`-channel images of
