@@ -28,11 +28,11 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
-    /// The real images: a built-in set (digits: 1,797 8×8; mnist5k: 5,000 28×28), which gets
-    /// every metric, or a folder of PNG/JPEG images of the model's size and channels, which gets
-    /// the pixel-space FD only.
+    /// The real images (for the table and the reconstruction experiment): a built-in set
+    /// (digits: 1,797 8×8; mnist5k: 5,000 28×28), which gets every metric, or a folder of
+    /// PNG/JPEG images of the model's size and channels, which gets the pixel-space FD only.
     #[arg(long, value_name = "digits|mnist5k|DIR")]
-    pub data: String,
+    pub data: Option<String>,
     /// The numbers of DDIM steps, comma-separated (the table's columns).
     #[arg(long, value_delimiter = ',', default_value = "10,20,50,100,1000")]
     pub steps: Vec<usize>,
@@ -45,9 +45,10 @@ pub struct EvalArgs {
         allow_negative_numbers = true
     )]
     pub eta: Vec<f64>,
-    /// Images sampled per (eta, steps) cell.
-    #[arg(long, short = 'n', default_value_t = 1000)]
-    pub num_samples: usize,
+    /// Images sampled per (eta, steps) cell [default: 1000; 64 for the consistency and
+    /// reconstruction experiments].
+    #[arg(long, short = 'n')]
+    pub num_samples: Option<usize>,
     /// Images per model call.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -57,9 +58,20 @@ pub struct EvalArgs {
     /// The neighbourhood size k of precision and recall.
     #[arg(long, default_value_t = ddim::eval::DEFAULT_K)]
     pub k: usize,
-    /// The folder for metrics.csv, metrics.png and the sample grids.
-    #[arg(long, short = 'o', value_name = "DIR", default_value = "eval")]
-    pub output: PathBuf,
+    /// The folder for metrics.csv, metrics.png and the sample grids [default: eval; for
+    /// another experiment eval-EXPERIMENT].
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// What to run: the quality table over η and steps (the paper's Table 1), consistency
+    /// (§5.2: the same x_T at every --steps count, distance to the most steps' image, per
+    /// --sampler and η) or reconstruction (§5.4: --data images inverted and decoded at each
+    /// --steps count, the error against S).
+    #[arg(long, value_enum, default_value = "table")]
+    pub experiment: Experiment,
+    /// The samplers of the consistency experiment, comma-separated (short or diffusers class
+    /// names, as `ddim sample --scheduler`); DDIM runs once per --eta.
+    #[arg(long, value_delimiter = ',', default_value = "ddim")]
+    pub sampler: Vec<String>,
     /// Replace the results of an earlier run in --output.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
@@ -71,11 +83,60 @@ pub struct EvalArgs {
     pub resume: bool,
 }
 
+/// The experiments of `ddim eval`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Experiment {
+    Table,
+    Consistency,
+    Reconstruction,
+}
+
+impl Experiment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Experiment::Table => "table",
+            Experiment::Consistency => "consistency",
+            Experiment::Reconstruction => "reconstruction",
+        }
+    }
+}
+
+impl EvalArgs {
+    /// Images per cell (or per run of an experiment).
+    pub fn n(&self) -> usize {
+        self.num_samples.unwrap_or(match self.experiment {
+            Experiment::Table => 1000,
+            _ => 64,
+        })
+    }
+
+    /// `--data`, which the table and the reconstruction experiment need.
+    pub fn data(&self) -> Result<&str> {
+        self.data.as_deref().ok_or_else(|| {
+            usage(format!(
+                "--data is needed for the {} experiment: a built-in set (digits, mnist5k) or a \
+                 folder of real images",
+                self.experiment.name()
+            ))
+        })
+    }
+
+    /// The output folder.
+    pub fn out(&self) -> PathBuf {
+        self.output
+            .clone()
+            .unwrap_or_else(|| match self.experiment {
+                Experiment::Table => PathBuf::from("eval"),
+                other => PathBuf::from(format!("eval-{}", other.name())),
+            })
+    }
+}
+
 /// What makes the cells of two runs comparable, for `--resume`: the run record of the folder.
 fn record_of(args: &EvalArgs, model: &common::Model) -> Result<RunRecord> {
     let mut r = model.run_record("eval", SchedulerKind::Ddim, &args.compute)?;
-    r.set("data", args.data.clone())
-        .set("num_samples", args.num_samples)
+    r.set("data", args.data()?)
+        .set("num_samples", args.n())
         .set("seed", args.seed)
         .set("k", args.k);
     Ok(r)
@@ -153,12 +214,22 @@ fn usage(msg: String) -> anyhow::Error {
 /// `ddim eval`: check the grid and the model, open (or resume) the output folder, fit the real
 /// data's statistics, sample and score every cell not done yet, then write the table and plot.
 pub fn run(args: EvalArgs) -> Result<()> {
+    if args.experiment != Experiment::Table {
+        if args.resume {
+            return Err(usage(format!(
+                "--resume continues a table run; the {} experiment starts afresh (--overwrite \
+                 replaces its files)",
+                args.experiment.name()
+            )));
+        }
+        return crate::experiments::run(&args, args.experiment);
+    }
     let started = Instant::now();
     let (steps, etas) = check_grid(&args)?;
     let model = common::load_model(&args.model, None, args.compute.dtype.dtype())?;
     model.check_scheduler_class()?;
     let [_, channels, height, _] = check_model(&model, &steps)?;
-    let real = open_real(&args.data, channels, height)?;
+    let real = open_real(args.data()?, channels, height)?;
     let mut cells = open_folder(&args, &model)?;
     let evaluator = real_statistics(&real, args.k)?;
     let todo: Vec<(f64, usize)> = etas
@@ -166,7 +237,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .flat_map(|&eta| steps.iter().map(move |&s| (eta, s)))
         .filter(|&(eta, s)| !cells.iter().any(|c| c.eta == eta && c.steps == s))
         .collect();
-    let n = args.num_samples;
+    let n = args.n();
     let total = todo.iter().map(|&(_, s)| (n * s) as u64).sum();
     let bar = common::progress(total, args.model.quiet, "eval", "image-steps");
     for (eta, s) in todo {
@@ -174,7 +245,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let cell = sample_cell(&args, &model, &evaluator, eta, s, &bar)?;
         cells.push(cell);
         // Written after every cell, so an interrupted run keeps the finished cells.
-        write_csv(&args.output.join("metrics.csv"), &cells, n)?;
+        write_csv(&args.out().join("metrics.csv"), &cells, n)?;
     }
     bar.finish_and_clear();
     report(&args, &model, &real, &evaluator, cells, (etas, steps))?;
@@ -217,17 +288,17 @@ fn check_model(model: &common::Model, steps: &[usize]) -> Result<[usize; 4]> {
 /// must have this run's settings); otherwise an empty folder (or `--overwrite`). The record is
 /// written before the first cell.
 fn open_folder(args: &EvalArgs, model: &common::Model) -> Result<Vec<Cell>> {
-    let csv_path = args.output.join("metrics.csv");
-    let png_path = args.output.join("metrics.png");
-    let record_path = args.output.join(RECORD_NAME);
-    let legacy_path = args.output.join(LEGACY_SETTINGS);
+    let csv_path = args.out().join("metrics.csv");
+    let png_path = args.out().join("metrics.png");
+    let record_path = args.out().join(RECORD_NAME);
+    let legacy_path = args.out().join(LEGACY_SETTINGS);
     let record = record_of(args, model)?;
-    image_io::ensure_writable_dir(&args.output)?;
+    image_io::ensure_writable_dir(&args.out())?;
     let cells: Vec<Cell> = if args.resume {
-        let done = read_run(&args.output, &csv_path, &record, args.num_samples)?;
+        let done = read_run(&args.out(), &csv_path, &record, args.n())?;
         eprintln!(
             "resuming {}: {} finished cell(s) kept",
-            args.output.display(),
+            args.out().display(),
             done.len()
         );
         done
@@ -287,7 +358,7 @@ fn sample_cell(
     s: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<Cell> {
-    let (n, batch) = (args.num_samples, args.batch_size.min(args.num_samples));
+    let (n, batch) = (args.n(), args.batch_size.min(args.n()));
     let cell_started = Instant::now();
     let options = SampleOptions {
         sampler: SchedulerKind::Ddim,
@@ -319,7 +390,7 @@ fn sample_cell(
         .with_context(|| format!("scoring the samples of eta {eta}, {s} steps"))?;
     let scoring = scoring_started.elapsed().as_secs_f64();
     if let Some(x0) = first_batch {
-        save_grid(&x0, &args.output.join(grid_name(eta, s)))?;
+        save_grid(&x0, &args.out().join(grid_name(eta, s)))?;
     }
     // (println on the bar would print nothing where stderr is not a terminal)
     bar.suspend(|| eprintln!("{}", cell_line(eta, s, &scores, seconds, scoring)));
@@ -341,9 +412,9 @@ fn report(
     mut cells: Vec<Cell>,
     (mut etas, mut steps): (Vec<f64>, Vec<usize>),
 ) -> Result<()> {
-    let n = args.num_samples;
-    let csv_path = args.output.join("metrics.csv");
-    let png_path = args.output.join("metrics.png");
+    let n = args.n();
+    let csv_path = args.out().join("metrics.csv");
+    let png_path = args.out().join("metrics.png");
     // A resumed run's table and plot show every cell of the folder, old and new.
     for c in &cells {
         if !etas.contains(&c.eta) {
@@ -398,11 +469,12 @@ fn check_grid(args: &EvalArgs) -> Result<(Vec<usize>, Vec<f64>)> {
         )));
     }
     let min_n = (args.k + 1).max(2);
-    if args.num_samples < min_n {
+    if args.n() < min_n {
         return Err(usage(format!(
             "--num-samples {}: at least {min_n} images per cell are needed (a covariance needs \
              2, precision/recall with k = {} need k + 1); the paper's tables use thousands",
-            args.num_samples, args.k
+            args.n(),
+            args.k
         )));
     }
     if args.k == 0 {
@@ -423,7 +495,7 @@ fn check_grid(args: &EvalArgs) -> Result<(Vec<usize>, Vec<f64>)> {
 }
 
 /// The real set, checked against the model's images.
-fn open_real(spec: &str, channels: usize, size: usize) -> Result<Dataset> {
+pub fn open_real(spec: &str, channels: usize, size: usize) -> Result<Dataset> {
     let folder = Path::new(spec);
     if BUILTIN_DATASETS.contains(&spec) && !folder.is_dir() {
         let set = Dataset::builtin(spec, None, Fit::Crop)?;

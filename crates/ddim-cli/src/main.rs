@@ -13,6 +13,7 @@ macro_rules! say {
 mod common;
 mod convert_cmd;
 mod eval_cmd;
+mod experiments;
 mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;

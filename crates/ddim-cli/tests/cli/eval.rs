@@ -310,3 +310,168 @@ fn eval_rejects_bad_input_with_exit_code_2() {
     check(&["--data", big.to_str().unwrap()], &["16×16", "8×8"]);
     check(&["--model", "/definitely/not/a/model"], &["not/a/model"]);
 }
+
+/// `--experiment consistency`: one CSV line per sampler row and step count, each row's run of
+/// the most steps at distance 0, deterministic rows the same on a rerun, a plot and a grid.
+#[test]
+fn eval_consistency_compares_each_run_with_its_most_steps() {
+    let base = tmp("eval-consistency");
+    let out = base.join("c");
+    let run = |overwrite: bool| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            tiny_model(),
+            "--experiment",
+            "consistency",
+            "--sampler",
+            "ddim,dpm++2m",
+            "--eta",
+            "0,1",
+            "--steps",
+            "8,2,4",
+            "-n",
+            "3",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        if overwrite {
+            a.push("--overwrite");
+        }
+        ddim(&a)
+    };
+    let o = run(false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(stdout.contains("to the 8-step image"), "{stdout}");
+    let rows = csv_rows(&out.join("consistency.csv"));
+    assert_eq!(
+        rows[0],
+        [
+            "sampler",
+            "eta",
+            "steps",
+            "reference_steps",
+            "num_samples",
+            "mse_to_reference"
+        ]
+    );
+    // ddim at two etas and dpm++2m, three step counts each
+    assert_eq!(rows.len(), 1 + 3 * 3);
+    for r in &rows[1..] {
+        let mse: f64 = r[5].parse().unwrap();
+        assert!(mse.is_finite() && mse >= 0.0, "{r:?}");
+        assert_eq!(mse == 0.0, r[2] == "8", "{r:?}");
+    }
+    assert_eq!(
+        rows[1..].iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
+        ["ddim", "ddim", "ddim", "ddim", "ddim", "ddim", "dpm++2m", "dpm++2m", "dpm++2m"]
+    );
+    for f in ["consistency.png", "consistency_grid.png", "ddim-run.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // the grid: 3 images per line, one line per row and step count (8×8 images enlarged 2×)
+    let grid = image::open(out.join("consistency_grid.png")).unwrap();
+    assert_eq!(grid.height(), 9 * 16 + 10 * 2);
+    // a second run refuses to replace the files; with --overwrite it gives the same numbers
+    let o = run(false);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let before = std::fs::read_to_string(out.join("consistency.csv")).unwrap();
+    let o = run(true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("consistency.csv")).unwrap(),
+        before
+    );
+}
+
+/// `--experiment reconstruction`: the error of inverting and decoding an image at S steps is the
+/// one `ddim invert --reconstruct` reports for it; bad input writes nothing.
+#[test]
+fn eval_reconstruction_matches_invert_and_refuses_bad_input() {
+    let real = image_folder("eval-recon-real", 4, 8, 3);
+    let base = tmp("eval-recon");
+    let out = base.join("r");
+    let o = ddim(&[
+        "eval",
+        "--model",
+        tiny_model(),
+        "--experiment",
+        "reconstruction",
+        "--data",
+        real.to_str().unwrap(),
+        "--steps",
+        "3,6",
+        "-n",
+        "1",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&out.join("reconstruction.csv"));
+    assert_eq!(rows[0], ["steps", "num_images", "mse"]);
+    assert_eq!(rows.len(), 3);
+    let tensor = base.join("x_t.npy");
+    let png = base.join("rec.png");
+    let o = ddim(&[
+        "invert",
+        "--model",
+        tiny_model(),
+        "-i",
+        real.join("real_000.png").to_str().unwrap(),
+        "--steps",
+        "6",
+        "--save-tensor",
+        tensor.to_str().unwrap(),
+        "--reconstruct",
+        png.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout).to_string();
+    let mse: f64 = said
+        .split("MSE ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    let ours: f64 = rows[2][2].parse().unwrap();
+    assert_eq!(rows[2][0], "6");
+    assert!(
+        (ours - mse).abs() <= 1e-6 * mse.max(1e-6) + 1e-9,
+        "eval {ours} against invert {mse}"
+    );
+    // bad input: exit 2, no folder
+    let bad = base.join("bad");
+    for (args, needle) in [
+        (&["--experiment", "reconstruction"][..], "--data"),
+        (
+            &["--experiment", "consistency", "--steps", "0,5"][..],
+            "--steps",
+        ),
+        (&["--experiment", "consistency", "-n", "0"][..], "-n 0"),
+        (
+            &["--experiment", "consistency", "--sampler", "nope"][..],
+            "nope",
+        ),
+        (&["--experiment", "consistency", "--eta", "-1"][..], "--eta"),
+        (&["--experiment", "consistency", "--resume"][..], "--resume"),
+    ] {
+        let mut a = vec![
+            "eval",
+            "--model",
+            tiny_model(),
+            "-q",
+            "-o",
+            bad.to_str().unwrap(),
+        ];
+        a.extend_from_slice(args);
+        let o = ddim(&a);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(!bad.exists(), "{args:?} made {}", bad.display());
+    }
+}
