@@ -1,9 +1,11 @@
-//! `ddim interpolate`: DDIM samples along the great circle between the noise of two seeds
-//! (DDIM paper, Sec. 5.3), as a one-row grid PNG or an animated GIF.
+//! `ddim interpolate`: DDIM samples along the great circle between the noise of two seeds, or
+//! between the DDIM inversions of two real images (DDIM paper, Sec. 5.3), as a one-row grid PNG
+//! or an animated GIF.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::Tensor;
 use clap::Args;
 use ddim::image_io;
 use ddim::pipeline::{self, Generator, SampleOptions};
@@ -21,11 +23,18 @@ pub struct InterpolateArgs {
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// The seed of the first end.
-    #[arg(long)]
-    pub seed_a: u64,
+    #[arg(long, required_unless_present = "image_a", conflicts_with = "image_a")]
+    pub seed_a: Option<u64>,
     /// The seed of the second end.
-    #[arg(long)]
-    pub seed_b: u64,
+    #[arg(long, required_unless_present = "image_b", conflicts_with = "image_b")]
+    pub seed_b: Option<u64>,
+    /// A real image as the first end (PNG/JPEG, resized to the model's size): its x_T is its
+    /// DDIM inversion at --steps, so the first frame reconstructs it.
+    #[arg(long, value_name = "IMAGE")]
+    pub image_a: Option<PathBuf>,
+    /// A real image as the second end, as --image-a.
+    #[arg(long, value_name = "IMAGE")]
+    pub image_b: Option<PathBuf>,
     /// The number of frames, both ends included.
     #[arg(long, default_value_t = 8)]
     pub frames: usize,
@@ -108,12 +117,11 @@ fn check_args(args: &InterpolateArgs) -> Result<bool> {
 
 /// The frames, sampled in batches of 16 (upscaled).
 fn sample_frames(args: &InterpolateArgs, model: &Model) -> Result<Vec<image::DynamicImage>> {
-    let shape = pipeline::noise_shape(&model.unet, 1)?;
-    let end = |seed| match args.rng {
-        RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device),
-        RngArg::Torch => Generator::torch(seed).randn(&shape, &model.device),
-    };
-    let z = pipeline::interpolation_noise(&end(args.seed_a)?, &end(args.seed_b)?, args.frames)?;
+    let z = pipeline::interpolation_noise(
+        &end_noise(args, model, args.seed_a, args.image_a.as_deref())?,
+        &end_noise(args, model, args.seed_b, args.image_b.as_deref())?,
+        args.frames,
+    )?;
     let options = SampleOptions {
         num_inference_steps: args.steps,
         ..Default::default()
@@ -151,18 +159,75 @@ fn sample_frames(args: &InterpolateArgs, model: &Model) -> Result<Vec<image::Dyn
     Ok(frames)
 }
 
+/// One end's x_T: image 0 of a run seeded `seed`, or the DDIM inversion of `image`.
+fn end_noise(
+    args: &InterpolateArgs,
+    model: &Model,
+    seed: Option<u64>,
+    image: Option<&std::path::Path>,
+) -> Result<Tensor> {
+    let shape = pipeline::noise_shape(&model.unet, 1)?;
+    match (image, seed) {
+        (Some(path), _) => {
+            let x0 = image_io::load_image(path, shape[1], Some((shape[3] as u32, shape[2] as u32)))
+                .with_context(|| format!("reading {}", path.display()))?
+                .to_device(&model.device)?;
+            let bar = common::progress(args.steps as u64, args.model.quiet, "inverting", "steps");
+            let x_t = pipeline::invert(
+                &model.unet,
+                &model.scheduler_config,
+                &x0,
+                args.steps,
+                None,
+                &mut |_| {
+                    bar.inc(1);
+                    Ok(())
+                },
+            )
+            .with_context(|| format!("inverting {}", path.display()))?;
+            bar.finish_and_clear();
+            Ok(x_t)
+        }
+        (None, Some(seed)) => Ok(match args.rng {
+            RngArg::Default => Generator::per_image(seed, 0, 1).randn(&shape, &model.device)?,
+            RngArg::Torch => Generator::torch(seed).randn(&shape, &model.device)?,
+        }),
+        (None, None) => Err(UsageError(
+            "give each end as a seed (--seed-a/--seed-b) or an image (--image-a/--image-b)".into(),
+        )
+        .into()),
+    }
+}
+
 /// The record of an interpolation: what decides its frames (DDIM at η = 0 draws no noise beyond
 /// the two ends').
 fn record_of(args: &InterpolateArgs, model: &Model, gif: bool) -> Result<RunRecord> {
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let mut r = model.run_record("interpolate", SchedulerKind::Ddim, &args.compute)?;
     r.set("steps", args.steps)
-        .set("seed_a", args.seed_a)
-        .set("seed_b", args.seed_b)
         .set("frames", args.frames)
-        .set("rng", args.rng.name())
         .set("image_shape", shape[1..].to_vec())
         .set("upscale", args.upscale);
+    for (end, seed, image) in [
+        ("a", args.seed_a, &args.image_a),
+        ("b", args.seed_b, &args.image_b),
+    ] {
+        match image {
+            Some(path) => {
+                r.set(
+                    &format!("image_{end}_sha256"),
+                    run_record::sha256_files(std::slice::from_ref(path))?,
+                );
+                r.note(&format!("image_{end}"), path.display().to_string());
+            }
+            None => {
+                r.set(&format!("seed_{end}"), seed);
+            }
+        }
+    }
+    if args.seed_a.is_some() || args.seed_b.is_some() {
+        r.set("rng", args.rng.name());
+    }
     if gif {
         r.set("frame_ms", args.frame_ms);
     }

@@ -75,3 +75,86 @@ fn invert_then_reconstruct_and_interpolate() {
     ]);
     assert_eq!(r.status.code(), Some(2));
 }
+
+/// `interpolate --image-a/--image-b`: the ends are the images' DDIM inversions, so the first and
+/// last frames are the reconstructions `ddim invert --reconstruct` writes; the record names the
+/// images by content, and a seed and an image for one end are refused.
+#[test]
+fn interpolate_between_real_images_through_their_inversions() {
+    let dir = tmp("interp-real");
+    let m = tiny_model();
+    let mut ends = Vec::new();
+    for (k, name) in ["a.png", "b.png"].iter().enumerate() {
+        let path = dir.join(name);
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            let v = ((x * 31 + y * 17 + k as u32 * 101) % 256) as u8;
+            image::Rgb([v, 255 - v, v / 2])
+        });
+        img.save(&path).unwrap();
+        let rec = dir.join(format!("rec-{name}"));
+        let o = ddim(&[
+            "invert",
+            "--model",
+            m,
+            "-i",
+            path.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--save-tensor",
+            dir.join(format!("{name}.npy")).to_str().unwrap(),
+            "--reconstruct",
+            rec.to_str().unwrap(),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        ends.push((path, image::open(&rec).unwrap().to_rgb8()));
+    }
+    let strip = dir.join("strip.png");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "interpolate",
+            "--model",
+            m,
+            "--image-a",
+            ends[0].0.to_str().unwrap(),
+            "--image-b",
+            ends[1].0.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--frames",
+            "4",
+            "-q",
+            "-o",
+            strip.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        ddim(&a)
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let grid = image::open(&strip).unwrap().to_rgb8();
+    // one row of 4 frames of 8×8 with 2 pixels of padding
+    assert_eq!((grid.width(), grid.height()), (4 * 10 + 2, 12));
+    for (frame, (_, rec)) in [(0u32, &ends[0]), (3, &ends[1])] {
+        for (x, y, p) in rec.enumerate_pixels() {
+            assert_eq!(
+                grid.get_pixel(2 + frame * 10 + x, 2 + y),
+                p,
+                "frame {frame} at ({x}, {y})"
+            );
+        }
+    }
+    let record = std::fs::read_to_string(dir.join("strip.png.ddim-run.json")).unwrap();
+    assert!(
+        record.contains("image_a_sha256") && !record.contains("seed_a"),
+        "{record}"
+    );
+    // the same settings: nothing to do; another image for an end: refused
+    assert!(run(&[]).status.success());
+    std::fs::copy(&ends[1].0, &ends[0].0).unwrap();
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("image_a_sha256"), "{}", stderr(&o));
+    let o = run(&["--seed-a", "3", "--overwrite"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
