@@ -33,8 +33,10 @@ pub struct EvalArgs {
     /// PNG/JPEG images of the model's size and channels, which gets the pixel-space FD only.
     #[arg(long, value_name = "digits|mnist5k|DIR")]
     pub data: Option<String>,
-    /// The numbers of DDIM steps, comma-separated (the table's columns).
-    #[arg(long, value_delimiter = ',', default_value = "10,20,50,100,1000")]
+    /// The numbers of DDIM steps, comma-separated (the table's columns) [default:
+    /// 10,20,50,100,1000]; for the nfe experiment, the numbers of UNet calls [default:
+    /// 5,10,15,20,50,100].
+    #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
     /// The values of DDIM's η, comma-separated (the rows): 0 is deterministic DDIM, 1 has
     /// DDPM's variance.
@@ -64,14 +66,20 @@ pub struct EvalArgs {
     pub output: Option<PathBuf>,
     /// What to run: the quality table over η and steps (the paper's Table 1), consistency
     /// (§5.2: the same x_T at every --steps count, distance to the most steps' image, per
-    /// --sampler and η) or reconstruction (§5.4: --data images inverted and decoded at each
-    /// --steps count, the error against S).
+    /// --sampler and η), reconstruction (§5.4: --data images inverted and decoded at each
+    /// --steps count, the error against S) or nfe (quality and distance to the ODE's solution
+    /// against UNet calls, per --sampler, with each sampler's fitted order).
     #[arg(long, value_enum, default_value = "table")]
     pub experiment: Experiment,
-    /// The samplers of the consistency experiment, comma-separated (short or diffusers class
-    /// names, as `ddim sample --scheduler`); DDIM runs once per --eta.
-    #[arg(long, value_delimiter = ',', default_value = "ddim")]
+    /// The samplers of the consistency and nfe experiments, comma-separated (short or diffusers
+    /// class names, as `ddim sample --scheduler`); in consistency DDIM runs once per --eta
+    /// [default: ddim; for nfe ddim,dpm++2m,dpm++3m,unipc,deis,euler,heun,pndm,lms].
+    #[arg(long, value_delimiter = ',')]
     pub sampler: Vec<String>,
+    /// The nfe experiment's reference: DDIM at η = 0 with this many steps, from the same x_T,
+    /// for each sampler's distance to the ODE's solution.
+    #[arg(long, default_value_t = 1000)]
+    pub reference_steps: usize,
     /// Replace the results of an earlier run in --output.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
@@ -89,6 +97,7 @@ pub enum Experiment {
     Table,
     Consistency,
     Reconstruction,
+    Nfe,
 }
 
 impl Experiment {
@@ -97,6 +106,7 @@ impl Experiment {
             Experiment::Table => "table",
             Experiment::Consistency => "consistency",
             Experiment::Reconstruction => "reconstruction",
+            Experiment::Nfe => "nfe",
         }
     }
 }
@@ -105,9 +115,34 @@ impl EvalArgs {
     /// Images per cell (or per run of an experiment).
     pub fn n(&self) -> usize {
         self.num_samples.unwrap_or(match self.experiment {
-            Experiment::Table => 1000,
+            Experiment::Table | Experiment::Nfe => 1000,
             _ => 64,
         })
+    }
+
+    /// `--steps`, or the experiment's default.
+    pub fn step_list(&self) -> Vec<usize> {
+        if !self.steps.is_empty() {
+            return self.steps.clone();
+        }
+        match self.experiment {
+            Experiment::Nfe => vec![5, 10, 15, 20, 50, 100],
+            _ => vec![10, 20, 50, 100, 1000],
+        }
+    }
+
+    /// `--sampler`, or the experiment's default.
+    pub fn samplers(&self) -> Vec<String> {
+        if !self.sampler.is_empty() {
+            return self.sampler.clone();
+        }
+        let names: &[&str] = match self.experiment {
+            Experiment::Nfe => &[
+                "ddim", "dpm++2m", "dpm++3m", "unipc", "deis", "euler", "heun", "pndm", "lms",
+            ],
+            _ => &["ddim"],
+        };
+        names.iter().map(|s| s.to_string()).collect()
     }
 
     /// `--data`, which the table and the reconstruction experiment need.
@@ -318,7 +353,7 @@ fn open_folder(args: &EvalArgs, model: &common::Model) -> Result<Vec<Cell>> {
 }
 
 /// The real data's statistics (and the classifier, for the built-in sets), with what they are.
-fn real_statistics(real: &Dataset, k: usize) -> Result<Evaluator> {
+pub fn real_statistics(real: &Dataset, k: usize) -> Result<Evaluator> {
     let (channels, size) = (real.channels, real.size);
     eprintln!(
         "real: {} ({} images of {channels}×{size}×{size}); computing its statistics",
@@ -452,12 +487,12 @@ fn report(
 
 /// The step counts (ascending, without repeats) and etas (likewise) after checking them.
 fn check_grid(args: &EvalArgs) -> Result<(Vec<usize>, Vec<f64>)> {
-    if args.steps.is_empty() || args.eta.is_empty() {
+    if args.eta.is_empty() {
         return Err(usage(
-            "--steps and --eta each need at least one value (e.g. --steps 10,50 --eta 0,1)".into(),
+            "--eta needs at least one value (e.g. --eta 0,1)".into(),
         ));
     }
-    if let Some(&s) = args.steps.iter().find(|&&s| s == 0) {
+    if let Some(&s) = args.step_list().iter().find(|&&s| s == 0) {
         return Err(usage(format!(
             "--steps {s}: each step count must be at least 1 (e.g. --steps 10,20,50,100,1000)"
         )));
@@ -485,7 +520,7 @@ fn check_grid(args: &EvalArgs) -> Result<(Vec<usize>, Vec<f64>)> {
     if args.batch_size == 0 {
         return Err(usage("--batch-size 0: must be at least 1".into()));
     }
-    let mut steps = args.steps.clone();
+    let mut steps = args.step_list();
     steps.sort_unstable();
     steps.dedup();
     let mut etas = args.eta.clone();

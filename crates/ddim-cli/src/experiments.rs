@@ -9,6 +9,11 @@
 //! - reconstruction (§5.4, Table 2): real images encoded by DDIM inversion at S steps and decoded
 //!   by DDIM (η = 0) at S steps; the per-dimension mean squared error on the [0, 1] scale, which
 //!   the paper shows falling with S.
+//! - nfe: for every sampler, the largest step count whose run calls the UNet at most K times,
+//!   for every K in `--steps`; the quality metrics of `ddim eval` at each, and the distance of
+//!   the first 64 images to DDIM's (η = 0) at `--reference-steps` from the same x_T: how far the
+//!   sampler is from the probability-flow ODE's solution, with the order p fitted to
+//!   distance ∝ NFE^-p.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -44,7 +49,7 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
     model.check_scheduler_class()?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let real = match experiment {
-        Experiment::Reconstruction => Some(crate::eval_cmd::open_real(
+        Experiment::Reconstruction | Experiment::Nfe => Some(crate::eval_cmd::open_real(
             args.data()?,
             shape[1],
             shape[2],
@@ -52,7 +57,7 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
         _ => None,
     };
     let rows = match experiment {
-        Experiment::Consistency => rows(args, &model)?,
+        Experiment::Consistency | Experiment::Nfe => rows(args, &model)?,
         _ => Vec::new(),
     };
     let out = args.out();
@@ -70,10 +75,20 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
     match (experiment, real) {
         (Experiment::Consistency, _) => {
             record
-                .set("samplers", args.sampler.clone())
+                .set("samplers", args.samplers())
                 .set("eta", args.eta.clone());
             write_record(&out.join(RECORD_NAME), &record)?;
             consistency(args, &model, &rows, &steps, &out)?;
+        }
+        (Experiment::Nfe, Some(real)) => {
+            record
+                .set("samplers", args.samplers())
+                .set("data", args.data()?)
+                .set("k", args.k)
+                .set("reference_steps", args.reference_steps);
+            write_record(&out.join(RECORD_NAME), &record)?;
+            let evaluator = crate::eval_cmd::real_statistics(&real, args.k)?;
+            nfe(args, &model, &rows, &steps, &evaluator, &out)?;
         }
         (Experiment::Reconstruction, Some(real)) => {
             record.set("data", args.data()?);
@@ -88,6 +103,7 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
 
 fn output_files(experiment: Experiment) -> [&'static str; 3] {
     match experiment {
+        Experiment::Nfe => ["nfe.csv", "nfe.png", "nfe_grid.png"],
         Experiment::Reconstruction => [
             "reconstruction.csv",
             "reconstruction.png",
@@ -99,18 +115,21 @@ fn output_files(experiment: Experiment) -> [&'static str; 3] {
 
 /// The step counts, ascending without repeats, each at least 1.
 fn check_steps(args: &EvalArgs) -> Result<Vec<usize>> {
-    let mut steps = args.steps.clone();
+    let mut steps = args.step_list();
     steps.sort_unstable();
     steps.dedup();
     if steps.is_empty() || steps[0] == 0 {
         return Err(UsageError(format!(
             "--steps {:?}: give step counts of at least 1 (e.g. --steps 10,20,50,100,1000)",
-            args.steps
+            args.step_list()
         ))
         .into());
     }
     if args.n() == 0 {
         return Err(UsageError("-n 0: the experiment needs at least one image".into()).into());
+    }
+    if args.experiment == Experiment::Nfe && args.reference_steps == 0 {
+        return Err(UsageError("--reference-steps 0: must be at least 1".into()).into());
     }
     if args.batch_size == 0 {
         return Err(UsageError("--batch-size 0: must be at least 1".into()).into());
@@ -121,10 +140,10 @@ fn check_steps(args: &EvalArgs) -> Result<Vec<usize>> {
 /// The consistency rows: every `--sampler`, DDIM once per `--eta`.
 fn rows(args: &EvalArgs, model: &common::Model) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for name in &args.sampler {
+    for name in &args.samplers() {
         let choice = SamplerChoice::parse(Some(name), false, &[])?;
         let (kind, config) = choice.resolve(&model.scheduler_config)?;
-        if kind == SchedulerKind::Ddim {
+        if kind == SchedulerKind::Ddim && args.experiment == Experiment::Consistency {
             for &eta in &args.eta {
                 if !(eta.is_finite() && eta >= 0.0) {
                     return Err(UsageError(format!(
@@ -160,7 +179,19 @@ fn sample_all(
     steps: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<Tensor> {
-    let (n, batch) = (args.n(), args.batch_size.min(args.n()));
+    sample_first(args, model, row, steps, args.n(), bar)
+}
+
+/// [`sample_all`] of images `0..n` only.
+fn sample_first(
+    args: &EvalArgs,
+    model: &common::Model,
+    row: &Row,
+    steps: usize,
+    n: usize,
+    bar: &indicatif::ProgressBar,
+) -> Result<Tensor> {
+    let batch = args.batch_size.min(n);
     let options = SampleOptions {
         sampler: row.kind,
         num_inference_steps: steps,
@@ -385,6 +416,225 @@ fn reconstruction(
     Ok(())
 }
 
+/// Images of the nfe experiment's distance to the ODE's solution.
+const NFE_REFERENCE_IMAGES: usize = 64;
+
+/// The largest step count whose run of `row`'s sampler calls the UNet at most `nfe` times, and
+/// its number of calls; `None` when even one step takes more.
+fn steps_for_nfe(row: &Row, nfe: usize) -> Result<Option<(usize, usize)>> {
+    for steps in (1..=nfe).rev() {
+        let built = ddim::scheduler::build(
+            &row.config,
+            row.kind,
+            steps,
+            ddim::scheduler::DdimStepOptions::default(),
+        );
+        // (a step count a sampler cannot take, e.g. PNDM's PRK below its minimum, is skipped)
+        if let Ok(s) = built {
+            let calls = s.model_timesteps().len();
+            if calls <= nfe {
+                return Ok(Some((steps, calls)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// One cell of the nfe experiment.
+struct NfeCell {
+    row: usize,
+    steps: usize,
+    nfe: usize,
+    scores: ddim::eval::Scores,
+    mse: f64,
+}
+
+/// The order p of a least-squares fit `log mse = c - p log nfe` over a row's cells (those with a
+/// positive distance), if it has two or more.
+fn fitted_order(cells: &[&NfeCell]) -> Option<f64> {
+    let pts: Vec<(f64, f64)> = cells
+        .iter()
+        .filter(|c| c.mse > 0.0)
+        .map(|c| ((c.nfe as f64).ln(), c.mse.ln()))
+        .collect();
+    if pts.len() < 2 {
+        return None;
+    }
+    let k = pts.len() as f64;
+    let (mx, my) = (
+        pts.iter().map(|p| p.0).sum::<f64>() / k,
+        pts.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| -sxy / sxx)
+}
+
+/// The NFE ladder: every sampler at every budget of UNet calls.
+fn nfe(
+    args: &EvalArgs,
+    model: &common::Model,
+    rows: &[Row],
+    budgets: &[usize],
+    evaluator: &ddim::eval::Evaluator,
+    out: &Path,
+) -> Result<()> {
+    let n = args.n();
+    let m = n.min(NFE_REFERENCE_IMAGES);
+    // every (row, steps, nfe), without repeats where two budgets give one step count
+    let mut plan: Vec<(usize, usize, usize)> = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        for &budget in budgets {
+            match steps_for_nfe(row, budget)? {
+                Some((s, calls)) if !plan.contains(&(r, s, calls)) => plan.push((r, s, calls)),
+                Some(_) => {}
+                None => eprintln!("note: {} cannot run within {budget} UNet calls", row.label),
+            }
+        }
+    }
+    let total = (m * args.reference_steps) as u64
+        + plan.iter().map(|&(_, _, c)| (n * c) as u64).sum::<u64>();
+    let bar = common::progress(total, args.model.quiet, "nfe", "image-steps");
+    bar.set_message(format!("reference: DDIM, {} steps", args.reference_steps));
+    let ddim_row = Row {
+        label: "ddim".into(),
+        kind: SchedulerKind::Ddim,
+        config: model.scheduler_config.clone(),
+        eta: 0.0,
+    };
+    let reference = sample_first(args, model, &ddim_row, args.reference_steps, m, &bar)?;
+    let mut cells = Vec::new();
+    let mut grid_images = Vec::new();
+    let shown = n.min(8);
+    for &(r, s, calls) in &plan {
+        let row = &rows[r];
+        bar.set_message(format!("{}, {calls} calls", row.label));
+        let x = sample_all(args, model, row, s, &bar)?;
+        let samples = x.flatten_all()?.to_vec1::<f32>()?;
+        let scores = evaluator
+            .score(&samples, n)
+            .with_context(|| format!("scoring {} at {calls} calls", row.label))?;
+        let mse = image_mse(&x.narrow(0, 0, m)?, &reference)?;
+        bar.suspend(|| {
+            eprintln!(
+                "{:<10} {calls:>4} calls ({s} steps): FD(pixels) {:.3}, distance to the ODE                  solution {mse:.6}",
+                row.label, scores.fd_pixels
+            )
+        });
+        grid_images.extend(grid_row(&x, shown)?);
+        cells.push(NfeCell {
+            row: r,
+            steps: s,
+            nfe: calls,
+            scores,
+            mse,
+        });
+    }
+    bar.finish_and_clear();
+    let opt = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.6}"));
+    let mut csv = String::from(
+        "sampler,nfe,steps,num_samples,fd_pixels,fd_classifier,precision,recall,\
+         classifier_score,mse_to_reference,reference_images,reference_steps\n",
+    );
+    for c in &cells {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{n},{:.6},{},{},{},{},{:.8},{m},{}",
+            rows[c.row].label,
+            c.nfe,
+            c.steps,
+            c.scores.fd_pixels,
+            opt(c.scores.fd_features),
+            opt(c.scores.precision),
+            opt(c.scores.recall),
+            opt(c.scores.class_score),
+            c.mse,
+            args.reference_steps
+        );
+    }
+    write_text(&out.join("nfe.csv"), &csv)?;
+    let chart = |title: &str, y: &str, log_y: bool, get: fn(&NfeCell) -> f64| LineChart {
+        title: title.into(),
+        x_label: "UNet calls (NFE)".into(),
+        y_label: y.into(),
+        log_x: true,
+        log_y,
+        series: rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| Series {
+                name: row.label.clone(),
+                points: cells
+                    .iter()
+                    .filter(|c| c.row == r)
+                    .map(|c| (c.nfe as f64, get(c)))
+                    .filter(|p| !log_y || p.1 > 0.0)
+                    .collect(),
+            })
+            .collect(),
+    };
+    let png = out.join("nfe.png");
+    plot::save_panels(
+        &png,
+        &[
+            chart(
+                "FD in pixel space (lower is better)",
+                "fd_pixels",
+                false,
+                |c| c.scores.fd_pixels,
+            ),
+            chart(
+                &format!(
+                    "distance to DDIM at {} steps (the ODE's solution)",
+                    args.reference_steps
+                ),
+                "per-dimension MSE, [0, 1] scale",
+                true,
+                |c| c.mse,
+            ),
+        ],
+        2,
+        (720, 480),
+    )
+    .with_context(|| format!("writing {}", png.display()))?;
+    let grid = out.join("nfe_grid.png");
+    image_io::save_png(&image_io::make_grid(&grid_images, Some(shown), 2)?, &grid)?;
+    let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let mut nfes: Vec<usize> = cells.iter().map(|c| c.nfe).collect();
+    nfes.sort_unstable();
+    nfes.dedup();
+    let fd: Vec<(usize, usize, f64)> = cells
+        .iter()
+        .map(|c| (c.row, c.nfe, c.scores.fd_pixels))
+        .collect();
+    let dist: Vec<(usize, usize, f64)> = cells.iter().map(|c| (c.row, c.nfe, c.mse)).collect();
+    let mut orders = String::new();
+    for (r, label) in labels.iter().enumerate() {
+        let mine: Vec<&NfeCell> = cells.iter().filter(|c| c.row == r).collect();
+        let p = fitted_order(&mine).map_or_else(|| "-".into(), |p| format!("{p:.2}"));
+        let _ = write!(orders, "\n{label:<12}{p:>8}");
+    }
+    say!(
+        "NFE ladder of {} against {} ({n} samples per cell, seed {}):\n\nFD in pixel space \
+         (lower is better), columns: UNet calls\n{}\n\ndistance of the first {m} images to \
+         DDIM's at {} steps from the same x_T (per-dimension MSE, [0, 1] scale)\n{}\n\nfitted \
+         order p (distance ∝ NFE^-p){orders}",
+        model.source,
+        args.data()?,
+        args.seed,
+        table("sampler \\ NFE", &labels, &nfes, &fd),
+        args.reference_steps,
+        table("sampler \\ NFE", &labels, &nfes, &dist),
+    );
+    eprintln!(
+        "wrote {}, {} and {} (one line per sampler and NFE)",
+        out.join("nfe.csv").display(),
+        png.display(),
+        grid.display()
+    );
+    Ok(())
+}
+
 /// `n` images of the set at evenly spaced indices (every class of a set stored class by class),
 /// as an NCHW tensor in [-1, 1].
 fn evenly_spaced(real: &Dataset, n: usize) -> Result<Tensor> {
@@ -444,4 +694,67 @@ fn table(
 fn write_text(path: &Path, text: &str) -> Result<()> {
     ddim::atomic::write_atomically(path, |w| w.write_all(text.as_bytes()))
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(nfe: usize, mse: f64) -> NfeCell {
+        NfeCell {
+            row: 0,
+            steps: nfe,
+            nfe,
+            scores: ddim::eval::Scores {
+                fd_pixels: 0.0,
+                fd_features: None,
+                precision: None,
+                recall: None,
+                class_entropy: None,
+                top_class_share: None,
+                class_score: None,
+            },
+            mse,
+        }
+    }
+
+    #[test]
+    fn the_fitted_order_is_the_slope_of_the_log_log_line() {
+        // mse = 3 · nfe^-2 exactly: order 2
+        let cells: Vec<NfeCell> = [5, 10, 20, 50]
+            .iter()
+            .map(|&k| cell(k, 3.0 * (k as f64).powi(-2)))
+            .collect();
+        let refs: Vec<&NfeCell> = cells.iter().collect();
+        assert!((fitted_order(&refs).unwrap() - 2.0).abs() < 1e-12);
+        // one point, or zero distances only: no fit
+        assert_eq!(fitted_order(&refs[..1]), None);
+        let zeros = [cell(5, 0.0), cell(10, 0.0)];
+        assert_eq!(fitted_order(&zeros.iter().collect::<Vec<_>>()), None);
+    }
+
+    #[test]
+    fn steps_for_a_budget_count_every_unet_call() {
+        let config = SchedulerConfig::default();
+        let row = |kind| Row {
+            label: String::new(),
+            kind,
+            config: config.clone(),
+            eta: 0.0,
+        };
+        // one call per step
+        assert_eq!(
+            steps_for_nfe(&row(SchedulerKind::Ddim), 7).unwrap(),
+            Some((7, 7))
+        );
+        // Heun: 2 · steps - 1 calls
+        assert_eq!(
+            steps_for_nfe(&row(SchedulerKind::HeunDiscrete), 10).unwrap(),
+            Some((5, 9))
+        );
+        assert_eq!(
+            steps_for_nfe(&row(SchedulerKind::HeunDiscrete), 1).unwrap(),
+            Some((1, 1))
+        );
+    }
 }

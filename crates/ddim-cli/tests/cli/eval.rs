@@ -475,3 +475,78 @@ fn eval_reconstruction_matches_invert_and_refuses_bad_input() {
         assert!(!bad.exists(), "{args:?} made {}", bad.display());
     }
 }
+
+/// `--experiment nfe`: each sampler at the most steps within each budget of UNet calls (Heun
+/// takes 2 · steps - 1), scored, with its distance to the reference and a fitted order.
+#[test]
+fn eval_nfe_ladder_counts_unet_calls_per_sampler() {
+    let real = image_folder("eval-nfe-real", 12, 8, 3);
+    let base = tmp("eval-nfe");
+    let out = base.join("n");
+    let o = ddim(&[
+        "eval",
+        "--model",
+        tiny_model(),
+        "--experiment",
+        "nfe",
+        "--data",
+        real.to_str().unwrap(),
+        "--sampler",
+        "ddim,heun",
+        "--steps",
+        "4,6",
+        "--reference-steps",
+        "20",
+        "-n",
+        "5",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(stdout.contains("fitted order p"), "{stdout}");
+    let rows = csv_rows(&out.join("nfe.csv"));
+    assert_eq!(&rows[0][..3], ["sampler", "nfe", "steps"]);
+    let cells: Vec<(&str, &str, &str)> = rows[1..]
+        .iter()
+        .map(|r| (r[0].as_str(), r[1].as_str(), r[2].as_str()))
+        .collect();
+    assert_eq!(
+        cells,
+        [
+            ("ddim", "4", "4"),
+            ("ddim", "6", "6"),
+            ("heun", "3", "2"),
+            ("heun", "5", "3")
+        ]
+    );
+    for r in &rows[1..] {
+        let fd: f64 = r[4].parse().unwrap();
+        let mse: f64 = r[9].parse().unwrap();
+        assert!(fd.is_finite() && mse.is_finite() && mse > 0.0, "{r:?}");
+        assert_eq!((r[10].as_str(), r[11].as_str()), ("5", "20"));
+    }
+    for f in ["nfe.png", "nfe_grid.png", "ddim-run.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // --reference-steps 0 is an error that writes nothing
+    let bad = base.join("bad");
+    let o = ddim(&[
+        "eval",
+        "--model",
+        tiny_model(),
+        "--experiment",
+        "nfe",
+        "--data",
+        real.to_str().unwrap(),
+        "--reference-steps",
+        "0",
+        "-q",
+        "-o",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--reference-steps 0"), "{}", stderr(&o));
+    assert!(!bad.exists());
+}
