@@ -290,6 +290,33 @@ fn load_model_as(
     })
 }
 
+impl Model {
+    /// DDIM inversion of `x0` at `steps` steps (its scheduler config), with a progress bar
+    /// unless `quiet`.
+    pub fn invert(
+        &self,
+        x0: &Tensor,
+        steps: usize,
+        labels: Option<&Tensor>,
+        quiet: bool,
+    ) -> Result<Tensor> {
+        let bar = progress(steps as u64, quiet, "inverting", "steps");
+        let x_t = ddim::pipeline::invert(
+            &self.unet,
+            &self.scheduler_config,
+            x0,
+            steps,
+            labels,
+            &mut |_| {
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
+        bar.finish_and_clear();
+        Ok(x_t)
+    }
+}
+
 /// A SHA-256 of a UNet's config and weights files (every shard), wherever the folder is.
 pub fn unet_files_sha256(files: &UNetFiles) -> Result<String> {
     let mut paths = vec![files.config.clone()];

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddim::eval::{Evaluator, Scores};
 use ddim::image_io;
-use ddim::pipeline::{self, Generator, SampleOptions};
+use ddim::pipeline;
 use ddim::scheduler::DDIMScheduler;
 use ddim::train::{Dataset, Fit, BUILTIN_DATASETS};
 
@@ -395,38 +395,27 @@ fn sample_cell(
 ) -> Result<Cell> {
     let (n, batch) = (args.n(), args.batch_size.min(args.n()));
     let cell_started = Instant::now();
-    let options = SampleOptions {
-        sampler: SchedulerKind::Ddim,
-        num_inference_steps: s,
+    // The same x_T (and noise streams) for image i in every cell.
+    let row = crate::experiments::Row {
+        label: format!("eta {eta}"),
+        kind: SchedulerKind::Ddim,
+        config: model.scheduler_config.clone(),
         eta,
-        ..SampleOptions::default()
     };
-    let mut samples: Vec<f32> = Vec::new();
-    let mut first_batch = None;
-    for start in (0..n).step_by(batch) {
-        let len = batch.min(n - start);
-        // The same x_T (and noise streams) for image i in every cell.
-        let mut generator = Generator::per_image(args.seed, start as u64, len);
-        let x0 = model
-            .sample_batch(&options, &mut generator, None, (start, len), &mut || {
-                bar.inc(len as u64)
-            })
-            .with_context(|| format!("at eta {eta}, {s} steps"))?;
-        let x0 = x0.to_device(&candle_core::Device::Cpu)?;
-        if first_batch.is_none() {
-            first_batch = Some(x0.clone());
-        }
-        samples.extend(x0.flatten_all()?.to_vec1::<f32>()?);
-    }
+    let x0 = crate::experiments::sample_first(args, model, &row, s, n, bar)
+        .with_context(|| format!("at eta {eta}, {s} steps"))?;
+    let samples = x0.flatten_all()?.to_vec1::<f32>()?;
     let seconds = cell_started.elapsed().as_secs_f64();
     let scoring_started = Instant::now();
     let scores = evaluator
         .score(&samples, n)
         .with_context(|| format!("scoring the samples of eta {eta}, {s} steps"))?;
     let scoring = scoring_started.elapsed().as_secs_f64();
-    if let Some(x0) = first_batch {
-        save_grid(&x0, &args.out().join(grid_name(eta, s)))?;
-    }
+    // the grid of the first batch
+    save_grid(
+        &x0.narrow(0, 0, batch)?,
+        &args.out().join(grid_name(eta, s)),
+    )?;
     // (println on the bar would print nothing where stderr is not a terminal)
     bar.suspend(|| eprintln!("{}", cell_line(eta, s, &scores, seconds, scoring)));
     Ok(Cell {

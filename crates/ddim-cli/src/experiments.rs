@@ -34,11 +34,11 @@ use crate::run_record::{write_record, RECORD_NAME};
 use crate::UsageError;
 
 /// One row of the consistency experiment: a sampler (and η, for DDIM) with its config.
-struct Row {
-    label: String,
-    kind: SchedulerKind,
-    config: SchedulerConfig,
-    eta: f64,
+pub struct Row {
+    pub label: String,
+    pub kind: SchedulerKind,
+    pub config: SchedulerConfig,
+    pub eta: f64,
 }
 
 /// Runs `--experiment consistency` or `reconstruction` (the table is `eval_cmd`'s own).
@@ -183,7 +183,7 @@ fn sample_all(
 }
 
 /// [`sample_all`] of images `0..n` only.
-fn sample_first(
+pub fn sample_first(
     args: &EvalArgs,
     model: &common::Model,
     row: &Row,

@@ -172,20 +172,9 @@ fn end_noise(
             let x0 = image_io::load_image(path, shape[1], Some((shape[3] as u32, shape[2] as u32)))
                 .with_context(|| format!("reading {}", path.display()))?
                 .to_device(&model.device)?;
-            let bar = common::progress(args.steps as u64, args.model.quiet, "inverting", "steps");
-            let x_t = pipeline::invert(
-                &model.unet,
-                &model.scheduler_config,
-                &x0,
-                args.steps,
-                None,
-                &mut |_| {
-                    bar.inc(1);
-                    Ok(())
-                },
-            )
-            .with_context(|| format!("inverting {}", path.display()))?;
-            bar.finish_and_clear();
+            let x_t = model
+                .invert(&x0, args.steps, None, args.model.quiet)
+                .with_context(|| format!("inverting {}", path.display()))?;
             Ok(x_t)
         }
         (None, Some(seed)) => Ok(match args.rng {

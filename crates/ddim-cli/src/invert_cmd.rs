@@ -65,19 +65,7 @@ pub fn run(args: InvertArgs) -> Result<()> {
         .class_label
         .map(|c| Tensor::new(&[c], &model.device))
         .transpose()?;
-    let bar = common::progress(args.steps as u64, args.model.quiet, "inverting", "steps");
-    let x_t = pipeline::invert(
-        &model.unet,
-        &model.scheduler_config,
-        &x0,
-        args.steps,
-        labels.as_ref(),
-        &mut |_| {
-            bar.inc(1);
-            Ok(())
-        },
-    )?;
-    bar.finish_and_clear();
+    let x_t = model.invert(&x0, args.steps, labels.as_ref(), args.model.quiet)?;
     if !done[0] {
         run_record::write_file_with_record(&args.save_tensor, &record, || {
             Ok(ddim::npy::write_npy_tensor(&args.save_tensor, &x_t)?)
