@@ -21,6 +21,7 @@ mod plot;
 mod run_record;
 mod sample_cmd;
 mod schedule_cmd;
+mod serve;
 mod train_classifier_cmd;
 mod train_cmd;
 
@@ -52,8 +53,11 @@ enum Command {
     Convert(convert_cmd::ConvertArgs),
     /// Train a UNet with the DDPM objective on a folder of images or a built-in digit set.
     Train(train_cmd::TrainArgs),
-    /// Score DDIM samples against real images for each steps × eta (the DDIM paper's Table 1).
+    /// The DDIM paper's experiments on a model: quality for each steps × eta (Table 1),
+    /// consistency, reconstruction, quality against UNet calls per sampler.
     Eval(eval_cmd::EvalArgs),
+    /// A browser playground on a local HTTP server: sample with live x_t and x̂0 previews.
+    Serve(serve::ServeArgs),
     /// Train the digit classifier behind `ddim eval`'s feature metrics (for maintainers: the
     /// shipped weights in crates/ddim/assets/ were made with it).
     #[command(hide = true)]
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train_cmd::run(args),
         Command::Convert(args) => convert_cmd::run(args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::TrainClassifier(args) => train_classifier_cmd::run(args),
     };
     match result {

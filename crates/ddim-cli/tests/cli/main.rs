@@ -8,5 +8,6 @@ mod invert;
 mod sample;
 mod samplers;
 mod schedule;
+mod serve;
 mod train;
 mod untrusted;

@@ -1,0 +1,477 @@
+//! `ddim serve`: a browser playground on a local HTTP server. One page, embedded in the binary
+//! (no CDN, nothing downloaded), and a small JSON API:
+//!
+//! - `GET /` the page;
+//! - `GET /api/info` the model (image shape, source), the samplers, the defaults and limits, and
+//!   the job counters;
+//! - `GET /api/sample?sampler=&steps=&eta=&seed=&n=` a run streamed as server-sent events: one
+//!   `step` event per denoising step with every image's x_t and x̂0 as PNG data URLs, then
+//!   `done` with the final images (or `error`). Closing the connection cancels the run.
+//!
+//! A bad request gets HTTP 400 with `{"error": ..., "field": ...}` naming the parameter; a full
+//! queue gets 429. Runs sample one at a time (the UNet uses every core), at most `--max-queue`
+//! waiting or running.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use candle_core::Tensor;
+use clap::Args;
+use ddim::pipeline::{self, Generator, SampleOptions, StepInfo};
+use ddim::scheduler::{SchedulerConfig, SchedulerKind};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::common::{self, ComputeArgs, Model, ModelArgs, SamplerChoice};
+use crate::UsageError;
+
+const PAGE: &str = include_str!("page.html");
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// The address to listen on; the default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port (0: any free port; the one chosen is printed).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// The most images one run may ask for.
+    #[arg(long, default_value_t = 16)]
+    pub max_images: usize,
+    /// The most steps one run may ask for.
+    #[arg(long, default_value_t = 1000)]
+    pub max_steps: usize,
+    /// The most runs waiting or running at once; more get HTTP 429.
+    #[arg(long, default_value_t = 4)]
+    pub max_queue: usize,
+}
+
+/// What one run may ask for.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_images: usize,
+    max_steps: usize,
+    max_queue: usize,
+}
+
+/// The server's state, shared by every request.
+struct Shared {
+    model: Model,
+    limits: Limits,
+    /// One permit per run waiting or running.
+    queue: Arc<Semaphore>,
+    /// Held by the run that samples; the others wait for it.
+    sampling: Mutex<()>,
+    started: AtomicU64,
+    finished: AtomicU64,
+    cancelled: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A run's settings after checking.
+#[derive(Clone, Debug)]
+struct SampleRequest {
+    sampler: String,
+    kind: SchedulerKind,
+    config: SchedulerConfig,
+    steps: usize,
+    eta: f64,
+    seed: u64,
+    n: usize,
+}
+
+/// An HTTP error with a JSON body naming the parameter at fault.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    field: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    fn bad(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.message, "field": self.field})),
+        )
+            .into_response()
+    }
+}
+
+/// `ddim serve`: load the model, bind, serve until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> Result<()> {
+    for (flag, v) in [
+        ("--max-images", args.max_images),
+        ("--max-steps", args.max_steps),
+        ("--max-queue", args.max_queue),
+    ] {
+        if v == 0 {
+            return Err(UsageError(format!("{flag} 0: must be at least 1")).into());
+        }
+    }
+    let model = common::open_model(&args.model, None, &args.compute)?;
+    pipeline::noise_shape(&model.unet, 1)?;
+    let limits = Limits {
+        max_images: args.max_images,
+        max_steps: args.max_steps,
+        max_queue: args.max_queue,
+    };
+    let shared = Arc::new(Shared {
+        model,
+        limits,
+        queue: Arc::new(Semaphore::new(limits.max_queue)),
+        sampling: Mutex::new(()),
+        started: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        cancelled: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| {
+            UsageError(format!(
+                "--host {}: not an address or a host name this machine resolves",
+                args.host
+            ))
+        })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the server's runtime")?;
+    runtime.block_on(serve(shared, addr))
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/api/info", get(info))
+        .route("/api/sample", get(sample))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                field: None,
+                message: "no such page; the API is GET /api/info and GET /api/sample".into(),
+            }
+        })
+        .with_state(shared)
+}
+
+async fn serve(shared: Arc<Shared>, addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        UsageError(format!(
+            "cannot listen on {addr}: {e} (is another server on that port? --port 0 picks a free \
+             one)"
+        ))
+    })?;
+    let local = listener.local_addr()?;
+    eprintln!(
+        "ddim serve: {} on http://{local} (Ctrl-C stops)",
+        shared.model.source
+    );
+    axum::serve(listener, router(shared))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    eprintln!("ddim serve: stopped");
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(PAGE))
+}
+
+async fn info(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let shape = pipeline::noise_shape(&shared.model.unet, 1).unwrap_or([1, 0, 0, 0]);
+    let l = shared.limits;
+    Json(json!({
+        "model": shared.model.source,
+        "image": {"channels": shape[1], "height": shape[2], "width": shape[3]},
+        "samplers": ddim::scheduler::SAMPLER_NAMES.iter().map(|(name, _, _)| *name).collect::<Vec<_>>(),
+        "defaults": {"sampler": "ddim", "steps": 50, "eta": 0.0, "seed": 0, "n": 4},
+        "limits": {"max_images": l.max_images, "max_steps": l.max_steps, "max_queue": l.max_queue},
+        "jobs": {
+            "started": shared.started.load(Ordering::SeqCst),
+            "finished": shared.finished.load(Ordering::SeqCst),
+            "cancelled": shared.cancelled.load(Ordering::SeqCst),
+            "failed": shared.failed.load(Ordering::SeqCst),
+            "waiting_or_running": l.max_queue - shared.queue.available_permits(),
+        },
+    }))
+}
+
+/// Checks the query of `/api/sample`; every error names its parameter.
+fn parse_request(
+    query: &HashMap<String, String>,
+    model: &Model,
+    limits: Limits,
+) -> Result<SampleRequest, ApiError> {
+    const KNOWN: [&str; 5] = ["sampler", "steps", "eta", "seed", "n"];
+    if let Some(key) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad(
+            key,
+            format!(
+                "unknown parameter `{key}`; /api/sample takes {}",
+                KNOWN.join(", ")
+            ),
+        ));
+    }
+    fn num<T: std::str::FromStr>(
+        query: &HashMap<String, String>,
+        key: &str,
+        default: T,
+        what: &str,
+    ) -> Result<T, ApiError> {
+        match query.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| ApiError::bad(key, format!("{key}={v}: expected {what}"))),
+        }
+    }
+    let steps: usize = num(query, "steps", 50, "a whole number of steps")?;
+    if steps == 0 || steps > limits.max_steps {
+        return Err(ApiError::bad(
+            "steps",
+            format!("steps={steps}: must be between 1 and {}", limits.max_steps),
+        ));
+    }
+    let n: usize = num(query, "n", 4, "a whole number of images")?;
+    if n == 0 || n > limits.max_images {
+        return Err(ApiError::bad(
+            "n",
+            format!("n={n}: must be between 1 and {}", limits.max_images),
+        ));
+    }
+    let eta: f64 = num(query, "eta", 0.0, "a number >= 0")?;
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(ApiError::bad(
+            "eta",
+            format!("eta={eta}: must be a finite number >= 0 (0: deterministic DDIM)"),
+        ));
+    }
+    let seed: u64 = num(query, "seed", 0, "a whole number from 0 to 2^64 - 1")?;
+    let sampler = query
+        .get("sampler")
+        .cloned()
+        .unwrap_or_else(|| "ddim".into());
+    let (kind, config) = SamplerChoice::parse(Some(&sampler), false, &[])
+        .and_then(|c| c.resolve(&model.scheduler_config))
+        .map_err(|e| ApiError::bad("sampler", format!("{e:#}")))?;
+    let options = SampleOptions {
+        sampler: kind,
+        num_inference_steps: steps,
+        eta,
+        ..SampleOptions::default()
+    };
+    if let Err(e) = pipeline::scheduler_for(&config, &options) {
+        return Err(ApiError::bad("steps", format!("steps={steps}: {e}")));
+    }
+    Ok(SampleRequest {
+        sampler,
+        kind,
+        config,
+        steps,
+        eta,
+        seed,
+        n,
+    })
+}
+
+async fn sample(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let request = parse_request(&query, &shared.model, shared.limits)?;
+    let permit = shared
+        .queue
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            field: None,
+            message: format!(
+                "{} runs are waiting or running (--max-queue); try again when one ends",
+                shared.limits.max_queue
+            ),
+        })?;
+    let (tx, rx) = mpsc::channel::<Event>(4);
+    shared.started.fetch_add(1, Ordering::SeqCst);
+    let job = shared.clone();
+    tokio::task::spawn_blocking(move || run_job(&job, &request, &tx, permit));
+    let stream = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, std::convert::Infallible>,
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The end of a run that was not a success.
+enum Stop {
+    /// The client went away.
+    Cancelled,
+    Failed(String),
+}
+
+/// Samples one run on a blocking thread, sending its events; holds its queue permit to the end.
+fn run_job(
+    shared: &Shared,
+    request: &SampleRequest,
+    tx: &mpsc::Sender<Event>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let outcome = {
+        // (a run that panicked leaves the lock poisoned, not the server stopped)
+        let _turn = shared
+            .sampling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if tx.is_closed() {
+            Err(Stop::Cancelled)
+        } else {
+            sample_run(&shared.model, request, tx)
+        }
+    };
+    let counter = match outcome {
+        Ok(()) => &shared.finished,
+        Err(Stop::Cancelled) => &shared.cancelled,
+        Err(Stop::Failed(message)) => {
+            let _ = tx.blocking_send(event("error", &json!({ "error": message })));
+            &shared.failed
+        }
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+}
+
+fn event(name: &str, data: &Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+/// The images of a batch as PNG data URLs.
+fn data_urls(x: &Tensor) -> ddim::Result<Vec<String>> {
+    ddim::image_io::to_images(x)?
+        .iter()
+        .map(|img| {
+            let mut png = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .map_err(|e| ddim::Error::argument("image", "a preview", e.to_string()))?;
+            Ok(format!(
+                "data:image/png;base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(png)
+            ))
+        })
+        .collect()
+}
+
+fn sample_run(model: &Model, r: &SampleRequest, tx: &mpsc::Sender<Event>) -> Result<(), Stop> {
+    let started = Instant::now();
+    let failed = |e: &dyn std::fmt::Display| Stop::Failed(e.to_string());
+    let shape = pipeline::noise_shape(&model.unet, r.n).map_err(|e| failed(&e))?;
+    // the same images as `ddim sample --seed S -n N` with the default rng
+    let mut generator = Generator::per_image(r.seed, 0, r.n);
+    let x_t = generator
+        .randn(&shape, &model.device)
+        .map_err(|e| failed(&e))?;
+    let options = SampleOptions {
+        sampler: r.kind,
+        num_inference_steps: r.steps,
+        eta: r.eta,
+        ..SampleOptions::default()
+    };
+    let mut cancelled = false;
+    let result = pipeline::sample(
+        &model.unet,
+        &r.config,
+        &options,
+        x_t,
+        &mut generator,
+        &mut |step: &StepInfo| {
+            let data = json!({
+                "index": step.index,
+                "num_steps": step.num_steps,
+                "t": step.timestep,
+                "xt": data_urls(step.prev_sample)?,
+                "x0": data_urls(step.pred_original_sample)?,
+            });
+            if tx.blocking_send(event("step", &data)).is_err() {
+                cancelled = true;
+                return Err(ddim::Error::argument(
+                    "run",
+                    "cancelled",
+                    "a client still listening",
+                ));
+            }
+            Ok(())
+        },
+    );
+    if cancelled {
+        return Err(Stop::Cancelled);
+    }
+    let x0 = result.map_err(|e| failed(&e))?;
+    let done = json!({
+        "images": data_urls(&x0).map_err(|e| failed(&e))?,
+        "sampler": r.sampler,
+        "steps": r.steps,
+        "eta": r.eta,
+        "seed": r.seed,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    tx.blocking_send(event("done", &done))
+        .map_err(|_| Stop::Cancelled)
+}

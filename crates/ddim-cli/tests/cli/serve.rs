@@ -1,0 +1,274 @@
+//! `ddim serve`: the page, the JSON API, streaming, cancelling, limits, bad requests and a clean
+//! shutdown, driven over HTTP on a local port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+use crate::common::*;
+
+/// A running `ddim serve` on a free port, stopped when dropped.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ddim"))
+            .args(["serve", "--model", tiny_model(), "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let line = lines.next().unwrap().unwrap();
+        let port = line
+            .rsplit("http://127.0.0.1:")
+            .next()
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        // keep draining stderr so the server never blocks on it
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child: Some(child),
+            port,
+        }
+    }
+
+    fn connect(&self, path: &str) -> TcpStream {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        s
+    }
+
+    /// Status and (de-chunked) body of a GET.
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut raw = Vec::new();
+        self.connect(path).read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        (
+            status,
+            if chunked {
+                dechunk(body)
+            } else {
+                body.to_string()
+            },
+        )
+    }
+
+    fn json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get(path);
+        (status, serde_json::from_str(&body).unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+/// The (event, data) pairs of a server-sent-event body.
+fn events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            Some((name?, serde_json::from_str(&data).unwrap()))
+        })
+        .collect()
+}
+
+fn png_of(url: &serde_json::Value) -> image::RgbImage {
+    let b64 = url
+        .as_str()
+        .unwrap()
+        .strip_prefix("data:image/png;base64,")
+        .unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+#[test]
+fn serve_streams_every_step_and_gives_the_cli_images() {
+    let server = Server::start(&[]);
+    let (status, page) = server.get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<html") && page.contains("ddim playground"));
+    let (status, info) = server.json("/api/info");
+    assert_eq!(status, 200);
+    assert_eq!(
+        info["image"],
+        serde_json::json!({"channels": 3, "height": 8, "width": 8})
+    );
+    assert!(info["samplers"]
+        .as_array()
+        .unwrap()
+        .contains(&"dpm++2m".into()));
+    let (status, body) = server.get("/api/sample?steps=3&n=2&seed=1");
+    assert_eq!(status, 200);
+    let ev = events(&body);
+    let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["step", "step", "step", "done"]);
+    for (i, (_, data)) in ev[..3].iter().enumerate() {
+        assert_eq!(data["index"], i);
+        assert_eq!(data["num_steps"], 3);
+        assert_eq!(data["x0"].as_array().unwrap().len(), 2);
+        assert_eq!(data["xt"].as_array().unwrap().len(), 2);
+    }
+    // the same images as `ddim sample` with that seed
+    let dir = tmp("serve-cli");
+    let o = ddim(&[
+        "sample",
+        "--model",
+        tiny_model(),
+        "--steps",
+        "3",
+        "-n",
+        "2",
+        "--seed",
+        "1",
+        "-q",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let images = ev[3].1["images"].as_array().unwrap();
+    for (i, url) in images.iter().enumerate() {
+        let cli = image::open(dir.join(format!("sample_s1_{i:06}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(png_of(url), cli, "image {i}");
+    }
+    // the last step's x_t is the result
+    assert_eq!(ev[2].1["xt"], ev[3].1["images"]);
+    // another sampler streams its own steps
+    let (status, body) = server.get("/api/sample?sampler=heun&steps=2&n=1");
+    assert_eq!(status, 200);
+    assert_eq!(
+        events(&body).len(),
+        3 + 1,
+        "Heun: 2 · 2 - 1 calls, then done"
+    );
+}
+
+#[test]
+fn serve_refuses_bad_requests_with_json_naming_the_field() {
+    let server = Server::start(&["--max-images", "4", "--max-steps", "100"]);
+    for (query, field) in [
+        ("steps=0", "steps"),
+        ("steps=101", "steps"),
+        ("steps=ten", "steps"),
+        ("n=5", "n"),
+        ("n=-1", "n"),
+        ("eta=-0.5", "eta"),
+        ("eta=nan", "eta"),
+        ("seed=x", "seed"),
+        ("sampler=nope", "sampler"),
+        ("colour=red", "colour"),
+    ] {
+        let (status, e) = server.json(&format!("/api/sample?{query}"));
+        assert_eq!(status, 400, "{query}: {e}");
+        assert_eq!(e["field"], field, "{query}: {e}");
+        assert!(!e["error"].as_str().unwrap().is_empty());
+    }
+    let (status, e) = server.json("/nothing/here");
+    assert_eq!(status, 404);
+    assert!(e["error"].as_str().unwrap().contains("/api/sample"));
+    // nothing was started
+    let (_, info) = server.json("/api/info");
+    assert_eq!(info["jobs"]["started"], 0);
+}
+
+#[test]
+fn serve_cancels_a_run_whose_client_leaves_and_limits_the_queue() {
+    let server = Server::start(&["--max-queue", "1"]);
+    let mut long = server.connect("/api/sample?steps=1000&n=16");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: step") {
+        let k = long.read(&mut buf).unwrap();
+        assert!(k > 0, "the stream ended before a step");
+        seen.extend_from_slice(&buf[..k]);
+    }
+    // the queue holds one run: a second is refused while the first runs
+    let (status, e) = server.json("/api/sample?steps=2&n=1");
+    assert_eq!(status, 429, "{e}");
+    drop(long);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, info) = server.json("/api/info");
+        if info["jobs"]["cancelled"] == 1 && info["jobs"]["waiting_or_running"] == 0 {
+            assert_eq!(info["jobs"]["finished"], 0, "{info}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run was not cancelled: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = server.get("/api/sample?steps=2&n=1");
+    assert_eq!(status, 200);
+    assert_eq!(events(&body).last().unwrap().0, "done");
+}
+
+#[cfg(unix)]
+#[test]
+fn serve_stops_cleanly_on_sigint_and_refuses_bad_flags() {
+    let mut server = Server::start(&[]);
+    let (status, _) = server.get("/api/info");
+    assert_eq!(status, 200);
+    let child = server.child.take().unwrap();
+    let o = interrupt(child);
+    assert_eq!(o.status.code(), Some(0));
+    for (flags, needle) in [
+        (&["--max-images", "0"][..], "--max-images 0"),
+        (&["--host", "not a host!"][..], "--host"),
+    ] {
+        let o = ddim(&[&["serve", "--model", tiny_model()][..], flags].concat());
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{flags:?}: {}", stderr(&o));
+    }
+}
