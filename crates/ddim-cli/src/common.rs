@@ -133,6 +133,36 @@ impl Model {
     }
 }
 
+impl Model {
+    /// SDEdit samples of `len` images from `init` (1, c, h, w) at `strength`
+    /// ([`ddim::pipeline::sdedit`]), every image with its own noise from `generator`.
+    pub fn sdedit_batch(
+        &self,
+        options: &ddim::pipeline::SampleOptions,
+        generator: &mut ddim::pipeline::Generator,
+        (init, strength): (&Tensor, f64),
+        len: usize,
+        on_step: &mut dyn FnMut(),
+    ) -> Result<Tensor> {
+        let dims = init.dims();
+        let init = init
+            .broadcast_as((len, dims[1], dims[2], dims[3]))?
+            .contiguous()?;
+        Ok(ddim::pipeline::sdedit(
+            &self.unet,
+            &self.scheduler_config,
+            options,
+            &init,
+            strength,
+            generator,
+            &mut |_| {
+                on_step();
+                Ok(())
+            },
+        )?)
+    }
+}
+
 pub fn device(arg: DeviceArg) -> Result<Device> {
     Ok(match arg {
         DeviceArg::Cpu => Device::Cpu,

@@ -82,6 +82,16 @@ pub struct SampleArgs {
     /// Images are numbered after the files already in the folder (sample_00000.png, ...).
     #[arg(long, value_name = "FILE.npy")]
     pub noise: Option<PathBuf>,
+    /// SDEdit: start from this image (PNG/JPEG, resized to the model's size) noised to the level
+    /// --strength sets, instead of from pure noise (DDIM or DDPM; every image starts from it,
+    /// each with its own noise).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "noise")]
+    pub init: Option<PathBuf>,
+    /// With --init: the share of the --steps run, as diffusers' img2img `strength`: the last
+    /// int(steps × strength) steps run, from the image noised to the first of them (1: from the
+    /// first timestep; lower keeps more of the image).
+    #[arg(long, default_value_t = 0.8, requires = "init")]
+    pub strength: f64,
     /// A folder, or one FILE.png for a single image [default: samples, unless --grid or
     /// --save-tensor is given: then no PNG files are written besides those]. In a folder, image i
     /// of seed S is sample_s{S}_{i:06}.png; the folder's ddim-run.json records the settings, and
@@ -301,6 +311,10 @@ impl Request {
 struct Plan {
     /// x_T from `--noise`.
     noise: Option<Tensor>,
+    /// The `--init` image (1, c, h, w) and `--strength`.
+    init: Option<(Tensor, f64)>,
+    /// UNet calls per batch.
+    calls: usize,
     /// The run's number of images (all shards).
     n: usize,
     batch: usize,
@@ -359,6 +373,15 @@ impl Plan {
             }
             None => None,
         };
+        let init = match &args.init {
+            Some(path) => Some((
+                image_io::load_image(path, shape1[1], Some((shape1[3] as u32, shape1[2] as u32)))
+                    .with_context(|| format!("reading --init {}", path.display()))?
+                    .to_device(&model.device)?,
+                args.strength,
+            )),
+            None => None,
+        };
         let n = count_images(args, noise.as_ref())?;
         if let (true, Some(file)) = (request.single_file && n != 1, &request.output) {
             return Err(UsageError(format!(
@@ -378,6 +401,7 @@ impl Plan {
                 .map(|c| Tensor::new(&[c], &model.device))
                 .transpose()?,
         };
+        let calls = check_init(&model.scheduler_config, &options, init.as_ref())?;
         let range = args.shard.map_or(0..n, |s| s.range(n));
         if let Some(shard) = args.shard {
             if range.is_empty() {
@@ -437,6 +461,8 @@ impl Plan {
         }
         let mut plan = Plan {
             noise,
+            init,
+            calls,
             n,
             batch,
             options,
@@ -622,7 +648,7 @@ fn sample_batches(args: &SampleArgs, plan: &mut Plan, model: &Model) -> Result<S
             .unet
             .prepare(plan.batch.min(plan.n - b * plan.batch), h, w);
     }
-    let steps = plan.options.num_inference_steps;
+    let steps = plan.calls;
     let bar = common::progress(
         (batches.len() * steps) as u64,
         args.model.quiet,
@@ -649,13 +675,22 @@ fn sample_batches(args: &SampleArgs, plan: &mut Plan, model: &Model) -> Result<S
             Some(g) => g,
             None => Generator::per_image(args.seed, start as u64, len),
         };
-        let x0 = model.sample_batch(
-            &plan.options,
-            &mut generator,
-            plan.noise.as_ref(),
-            (start, len),
-            &mut || bar.inc(1),
-        )?;
+        let x0 = match &plan.init {
+            Some((init, strength)) => model.sdedit_batch(
+                &plan.options,
+                &mut generator,
+                (init, *strength),
+                len,
+                &mut || bar.inc(1),
+            )?,
+            None => model.sample_batch(
+                &plan.options,
+                &mut generator,
+                plan.noise.as_ref(),
+                (start, len),
+                &mut || bar.inc(1),
+            )?,
+        };
         done.count += len;
         let x0 = x0.to_dtype(DType::F32)?;
         let images = image_io::to_images(&x0)?;
@@ -716,6 +751,46 @@ fn write_collected(plan: &Plan, mut collected: Collected) -> Result<()> {
     Ok(())
 }
 
+/// The UNet calls of one batch, after checking `--init`/`--strength` against the sampler and
+/// the steps (SDEdit runs int(steps × strength) of them).
+fn check_init(
+    config: &ddim::scheduler::SchedulerConfig,
+    options: &SampleOptions,
+    init: Option<&(Tensor, f64)>,
+) -> Result<usize> {
+    let calls = pipeline::scheduler_for(config, options)?
+        .model_timesteps()
+        .len();
+    let Some(&(_, strength)) = init else {
+        return Ok(calls);
+    };
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(UsageError(format!(
+            "--strength {strength}: must be in (0, 1], the share of the steps run from the \
+             noised image"
+        ))
+        .into());
+    }
+    if !matches!(options.sampler, SchedulerKind::Ddim | SchedulerKind::Ddpm) {
+        return Err(UsageError(format!(
+            "--init: SDEdit runs with ddim or ddpm (it noises the image by the DDPM forward \
+             process), not {}",
+            options.sampler.class_name()
+        ))
+        .into());
+    }
+    let run = ((options.num_inference_steps as f64 * strength) as usize).min(calls);
+    if run == 0 {
+        return Err(UsageError(format!(
+            "--strength {strength}: {} steps × {strength} leaves no step to run; raise --steps or \
+             --strength",
+            options.num_inference_steps
+        ))
+        .into());
+    }
+    Ok(run)
+}
+
 /// The run record of a sample folder: what decides its images. The seed is not in it (it is in
 /// each file's name, and a folder may hold several seeds' images); batch size and device are
 /// notes, since they move only float rounding.
@@ -744,6 +819,14 @@ fn record_of(
         .set("image_shape", shape[1..].to_vec())
         .set("class_label", args.class_label)
         .set("upscale", args.upscale);
+    if let Some(path) = &args.init {
+        r.set(
+            "init_sha256",
+            crate::run_record::sha256_files(std::slice::from_ref(path))?,
+        )
+        .set("strength", args.strength);
+        r.note("init", path.display().to_string());
+    }
     r.note("batch_size", batch);
     Ok(r)
 }

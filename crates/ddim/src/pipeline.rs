@@ -2,13 +2,14 @@
 //! eq. 12): `for t in timesteps { ε̂ = unet(x_t, t); x_t = scheduler.step(ε̂, t, x_t) }`, as
 //! diffusers' `DDIMPipeline` / `DDPMPipeline` run it. Sampling, DDIM inversion (x_0 -> x_T) and
 //! every sampler behind [`Scheduler`] run this one loop; spherical interpolation between two x_T
-//! (DDIM paper, Sec. 5.3) feeds it.
+//! (DDIM paper, Sec. 5.3) feeds it; SDEdit ([`sdedit`]) enters it part of the way down.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::rng::{ImageStream, TorchGenerator};
 use crate::scheduler::{
-    DDIMInverseScheduler, DdimStepOptions, Scheduler, SchedulerConfig, SchedulerKind, StepOutput,
+    DDIMInverseScheduler, DDPMScheduler, DdimStepOptions, Scheduler, SchedulerConfig,
+    SchedulerKind, StepOutput,
 };
 use crate::unet::UNet2DModel;
 use crate::{Error, Result};
@@ -235,6 +236,28 @@ pub fn denoise(
     generator: Option<&mut Generator>,
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
+    denoise_from(
+        unet,
+        scheduler,
+        x_start,
+        0,
+        class_labels,
+        generator,
+        callback,
+    )
+}
+
+/// [`denoise`] from step `start` of the scheduler's timesteps: `x_start` is x at that step's
+/// timestep (and is not scaled by `init_noise_sigma` when `start > 0`).
+pub fn denoise_from(
+    unet: &UNet2DModel,
+    scheduler: &mut dyn Scheduler,
+    x_start: Tensor,
+    start: usize,
+    class_labels: Option<&Tensor>,
+    generator: Option<&mut Generator>,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
     let channels = x_start.dim(1)?;
     prepare(unet, &x_start);
     let variance = scheduler.uses_model_variance();
@@ -246,7 +269,7 @@ pub fn denoise(
             keep_channels(out, channels)
         }
     };
-    denoise_with(&mut model, scheduler, x_start, generator, callback)
+    run_loop(&mut model, scheduler, x_start, start, generator, callback)
 }
 
 /// [`denoise`] with any model: `model(x, t)` is the model's output on x at timestep t.
@@ -254,16 +277,28 @@ pub fn denoise_with(
     model: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
     scheduler: &mut dyn Scheduler,
     x_start: Tensor,
+    generator: Option<&mut Generator>,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
+    run_loop(model, scheduler, x_start, 0, generator, callback)
+}
+
+/// The loop itself, from step `start`.
+fn run_loop(
+    model: &mut dyn FnMut(&Tensor, f64) -> Result<Tensor>,
+    scheduler: &mut dyn Scheduler,
+    x_start: Tensor,
+    start: usize,
     mut generator: Option<&mut Generator>,
     callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
     let mut x = x_start.to_dtype(DType::F32)?;
     let sigma = scheduler.init_noise_sigma();
-    if sigma != 1.0 {
+    if sigma != 1.0 && start == 0 {
         x = x.affine(sigma, 0.0)?;
     }
     let timesteps = scheduler.model_timesteps();
-    for (index, &t) in timesteps.iter().enumerate() {
+    for (index, &t) in timesteps.iter().enumerate().skip(start) {
         let input = scheduler.scale_model_input(&x, index)?;
         let out = model(&input, t)?;
         let z = match (scheduler.needs_noise(index), generator.as_deref_mut()) {
@@ -282,6 +317,68 @@ pub fn denoise_with(
         x = step.prev_sample;
     }
     Ok(x)
+}
+
+/// SDEdit (Meng et al. 2022, [arXiv:2108.01073](https://arxiv.org/abs/2108.01073)) as diffusers'
+/// img2img pipelines run it: `strength` of the `num_inference_steps` are run, the last
+/// `int(steps · strength)` ones, from `init` (x_0, NCHW in [-1, 1]) noised by the DDPM forward
+/// process to the first of them (`add_noise`, with noise drawn from `generator` before any step's
+/// noise). Strength 1 starts from the first timestep, 0.5 skips the first half of the steps.
+/// DDIM and DDPM only: the other samplers' noise lives in sigma space or carries history.
+pub fn sdedit(
+    unet: &UNet2DModel,
+    scheduler_config: &SchedulerConfig,
+    options: &SampleOptions,
+    init: &Tensor,
+    strength: f64,
+    generator: &mut Generator,
+    callback: &mut dyn FnMut(&StepInfo) -> Result<()>,
+) -> Result<Tensor> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::argument(
+            "strength",
+            strength,
+            "a number in (0, 1]: the share of the steps run from the noised image",
+        ));
+    }
+    if !matches!(options.sampler, SchedulerKind::Ddim | SchedulerKind::Ddpm) {
+        return Err(Error::argument(
+            "sampler",
+            options.sampler.class_name(),
+            "DDIMScheduler or DDPMScheduler for an init image (SDEdit noises it with the DDPM \
+             forward process)",
+        ));
+    }
+    let n = options.num_inference_steps;
+    let mut scheduler = scheduler_for(scheduler_config, options)?;
+    let timesteps = scheduler.model_timesteps();
+    // diffusers: init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    let run = ((n as f64 * strength) as usize).min(timesteps.len());
+    if run == 0 {
+        return Err(Error::argument(
+            "strength",
+            strength,
+            format!("at least one step to run: {n} steps × strength {strength} < 1"),
+        ));
+    }
+    let start = timesteps.len() - run;
+    let noise = generator.randn(init.dims(), init.device())?;
+    let t = timesteps[start] as usize;
+    let x = DDPMScheduler::new(scheduler_config)?.add_noise(
+        &init.to_dtype(DType::F32)?,
+        &noise,
+        &[t],
+    )?;
+    let labels = options.class_labels.as_ref();
+    denoise_from(
+        unet,
+        scheduler.as_mut(),
+        x,
+        start,
+        labels,
+        Some(generator),
+        callback,
+    )
 }
 
 /// [`UNet2DModel::prepare`] for batches shaped like `x`.

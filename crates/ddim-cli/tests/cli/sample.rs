@@ -650,3 +650,92 @@ fn sample_in_f16_stays_close_to_f32_and_bf16_on_the_cpu_needs_avx512_bf16() {
         );
     }
 }
+
+/// `sample --init IMAGE --strength S` (SDEdit): the images start from the init image, the
+/// record keeps its bytes and the strength, and what cannot run is refused before any output.
+#[test]
+fn sample_from_an_init_image_with_a_strength() {
+    let dir = tmp("sdedit");
+    let init = dir.join("init.png");
+    image::RgbImage::from_fn(8, 8, |x, y| {
+        let v = ((x * 29 + y * 13) % 256) as u8;
+        image::Rgb([v, v / 2, 255 - v])
+    })
+    .save(&init)
+    .unwrap();
+    let out = dir.join("out");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "sample",
+            "--model",
+            tiny_model(),
+            "--init",
+            init.to_str().unwrap(),
+            "--steps",
+            "10",
+            "-n",
+            "2",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        ddim(&a)
+    };
+    // a small strength keeps the image: one step from t = 0
+    let o = run(&["--strength", "0.1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = image::open(&init).unwrap().to_rgb8();
+    for i in 0..2 {
+        let got = image::open(out.join(format!("sample_s0_{i:06}.png")))
+            .unwrap()
+            .to_rgb8();
+        let worst = got
+            .pixels()
+            .zip(want.pixels())
+            .flat_map(|(a, b)| (0..3).map(move |c| (a[c] as i32 - b[c] as i32).abs()))
+            .max()
+            .unwrap();
+        assert!(worst <= 16, "image {i} moved {worst} levels");
+    }
+    let record = std::fs::read_to_string(out.join("ddim-run.json")).unwrap();
+    assert!(
+        record.contains("init_sha256") && record.contains("strength"),
+        "{record}"
+    );
+    // another strength is another run: refused in the same folder
+    let o = run(&["--strength", "0.5"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("strength"), "{}", stderr(&o));
+    for (extra, needle) in [
+        (&["--strength", "0"][..], "--strength 0"),
+        (&["--strength", "1.5"][..], "--strength 1.5"),
+        (&["--strength", "0.05"][..], "no step to run"),
+        (
+            &["--scheduler", "euler", "--strength", "0.5"][..],
+            "ddim or ddpm",
+        ),
+        (&["--noise", "x.npy"][..], "--noise"),
+    ] {
+        let fresh = dir.join("never");
+        let mut a = vec![
+            "sample",
+            "--model",
+            tiny_model(),
+            "--init",
+            init.to_str().unwrap(),
+            "--steps",
+            "10",
+            "-q",
+            "-o",
+            fresh.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = ddim(&a);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+        assert!(!fresh.exists(), "{extra:?}");
+    }
+    let o = ddim(&["sample", "--model", tiny_model(), "--strength", "0.5", "-q"]);
+    assert_eq!(o.status.code(), Some(2), "--strength without --init");
+}
