@@ -10,7 +10,7 @@ fn tiny() -> (ddim::loader::LoadedUNet, SchedulerConfig) {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/pipeline/tiny-ddpm");
     let unet = load_unet(&dir, DType::F32, &Device::Cpu).unwrap();
-    let config = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))
+    let config = SchedulerConfig::from_file(dir.join("scheduler/scheduler_config.json"))
         .unwrap()
         .config;
     (unet, config)
