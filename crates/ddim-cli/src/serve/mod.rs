@@ -7,6 +7,8 @@
 //! - `GET /api/sample?sampler=&steps=&eta=&seed=&n=` a run streamed as server-sent events: one
 //!   `step` event per denoising step with every image's x_t and x̂0 as PNG data URLs, then
 //!   `done` with the final images (or `error`). Closing the connection cancels the run.
+//! - `POST /api/sample` the same with a JSON object of those keys, plus `init` (an image as a
+//!   data URL) and `strength` for SDEdit from that image.
 //!
 //! A bad request gets HTTP 400 with `{"error": ..., "field": ...}` naming the parameter; a full
 //! queue gets 429. Runs sample one at a time (the UNet uses every core), at most `--max-queue`
@@ -83,9 +85,14 @@ struct Shared {
     failed: AtomicU64,
 }
 
+/// The largest request body (a JSON run with its init image) in bytes.
+const MAX_BODY: usize = 1 << 20;
+
 /// A run's settings after checking.
 #[derive(Clone, Debug)]
 struct SampleRequest {
+    /// SDEdit's start image (1, c, h, w) and strength.
+    init: Option<(Tensor, f64)>,
     sampler: String,
     kind: SchedulerKind,
     config: SchedulerConfig,
@@ -179,7 +186,8 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/api/info", get(info))
-        .route("/api/sample", get(sample))
+        .route("/api/sample", get(sample).post(sample_post))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -261,7 +269,7 @@ fn parse_request(
     model: &Model,
     limits: Limits,
 ) -> Result<SampleRequest, ApiError> {
-    const KNOWN: [&str; 5] = ["sampler", "steps", "eta", "seed", "n"];
+    const KNOWN: [&str; 7] = ["sampler", "steps", "eta", "seed", "n", "init", "strength"];
     if let Some(key) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::bad(
             key,
@@ -320,10 +328,42 @@ fn parse_request(
         eta,
         ..SampleOptions::default()
     };
-    if let Err(e) = pipeline::scheduler_for(&config, &options) {
-        return Err(ApiError::bad("steps", format!("steps={steps}: {e}")));
-    }
+    let calls = match pipeline::scheduler_for(&config, &options) {
+        Ok(s) => s.model_timesteps().len(),
+        Err(e) => return Err(ApiError::bad("steps", format!("steps={steps}: {e}"))),
+    };
+    let init = match query.get("init") {
+        None => {
+            if query.contains_key("strength") {
+                return Err(ApiError::bad("strength", "strength needs an init image"));
+            }
+            None
+        }
+        Some(url) => {
+            let strength: f64 = num(query, "strength", 0.8, "a number in (0, 1]")?;
+            if !(strength > 0.0 && strength <= 1.0) {
+                return Err(ApiError::bad(
+                    "strength",
+                    format!("strength={strength}: must be in (0, 1]"),
+                ));
+            }
+            if !matches!(kind, SchedulerKind::Ddim | SchedulerKind::Ddpm) {
+                return Err(ApiError::bad(
+                    "sampler",
+                    format!("sampler={sampler}: an init image runs with ddim or ddpm"),
+                ));
+            }
+            if ((steps as f64 * strength) as usize).min(calls) == 0 {
+                return Err(ApiError::bad(
+                    "strength",
+                    format!("steps={steps} × strength={strength} leaves no step to run"),
+                ));
+            }
+            Some((decode_init(url, model)?, strength))
+        }
+    };
     Ok(SampleRequest {
+        init,
         sampler,
         kind,
         config,
@@ -332,6 +372,71 @@ fn parse_request(
         seed,
         n,
     })
+}
+
+/// An init image from a `data:image/...;base64,` URL, at the model's size and channels.
+fn decode_init(url: &str, model: &Model) -> Result<Tensor, ApiError> {
+    let bad = |why: String| ApiError::bad("init", why);
+    let b64 = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .filter(|(mime, _)| mime.starts_with("image/"))
+        .map(|(_, b64)| b64)
+        .ok_or_else(|| {
+            bad("init: expected an image as a data URL (data:image/png;base64,...)".into())
+        })?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| bad(format!("init: not base64 ({e})")))?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(format!("init: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(4096);
+    limits.max_image_height = Some(4096);
+    limits.max_alloc = Some(64 << 20);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| {
+        bad(format!(
+            "init: cannot decode the image ({e}); PNG, JPEG and GIF up to 4096×4096 are supported"
+        ))
+    })?;
+    let shape = pipeline::noise_shape(&model.unet, 1).map_err(|e| bad(e.to_string()))?;
+    ddim::image_io::from_image(&img, shape[1], Some((shape[3] as u32, shape[2] as u32)))
+        .and_then(|t| Ok(t.to_device(&model.device)?))
+        .map_err(|e| bad(format!("init: {e}")))
+}
+
+/// `POST /api/sample`: the keys of the GET query as a JSON object.
+async fn sample_post(
+    state: State<Arc<Shared>>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError {
+        status: e.status(),
+        field: Some("body".into()),
+        message: format!(
+            "the body must be a JSON object of run settings: {}",
+            e.body_text()
+        ),
+    })?;
+    let Some(object) = body.as_object() else {
+        return Err(ApiError::bad(
+            "body",
+            "the body must be a JSON object of run settings",
+        ));
+    };
+    let query = object
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect();
+    Ok(sample(state, Query(query)).await?.into_response())
 }
 
 async fn sample(
@@ -425,9 +530,6 @@ fn sample_run(model: &Model, r: &SampleRequest, tx: &mpsc::Sender<Event>) -> Res
     let shape = pipeline::noise_shape(&model.unet, r.n).map_err(|e| failed(&e))?;
     // the same images as `ddim sample --seed S -n N` with the default rng
     let mut generator = Generator::per_image(r.seed, 0, r.n);
-    let x_t = generator
-        .randn(&shape, &model.device)
-        .map_err(|e| failed(&e))?;
     let options = SampleOptions {
         sampler: r.kind,
         num_inference_steps: r.steps,
@@ -435,31 +537,51 @@ fn sample_run(model: &Model, r: &SampleRequest, tx: &mpsc::Sender<Event>) -> Res
         ..SampleOptions::default()
     };
     let mut cancelled = false;
-    let result = pipeline::sample(
-        &model.unet,
-        &r.config,
-        &options,
-        x_t,
-        &mut generator,
-        &mut |step: &StepInfo| {
-            let data = json!({
-                "index": step.index,
-                "num_steps": step.num_steps,
-                "t": step.timestep,
-                "xt": data_urls(step.prev_sample)?,
-                "x0": data_urls(step.pred_original_sample)?,
-            });
-            if tx.blocking_send(event("step", &data)).is_err() {
-                cancelled = true;
-                return Err(ddim::Error::argument(
-                    "run",
-                    "cancelled",
-                    "a client still listening",
-                ));
-            }
-            Ok(())
-        },
-    );
+    let mut on_step = |step: &StepInfo| {
+        let data = json!({
+            "index": step.index,
+            "num_steps": step.num_steps,
+            "t": step.timestep,
+            "xt": data_urls(step.prev_sample)?,
+            "x0": data_urls(step.pred_original_sample)?,
+        });
+        if tx.blocking_send(event("step", &data)).is_err() {
+            cancelled = true;
+            return Err(ddim::Error::argument(
+                "run",
+                "cancelled",
+                "a client still listening",
+            ));
+        }
+        Ok(())
+    };
+    let result = match &r.init {
+        Some((init, strength)) => init
+            .broadcast_as(shape.to_vec())
+            .and_then(|t| t.contiguous())
+            .map_err(ddim::Error::from)
+            .and_then(|init| {
+                pipeline::sdedit(
+                    &model.unet,
+                    &r.config,
+                    &options,
+                    &init,
+                    *strength,
+                    &mut generator,
+                    &mut on_step,
+                )
+            }),
+        None => generator.randn(&shape, &model.device).and_then(|x_t| {
+            pipeline::sample(
+                &model.unet,
+                &r.config,
+                &options,
+                x_t,
+                &mut generator,
+                &mut on_step,
+            )
+        }),
+    };
     if cancelled {
         return Err(Stop::Cancelled);
     }
