@@ -8,7 +8,10 @@
 //!   `step` event per denoising step with every image's x_t and x̂0 as PNG data URLs, then
 //!   `done` with the final images (or `error`). Closing the connection cancels the run.
 //! - `POST /api/sample` the same with a JSON object of those keys, plus `init` (an image as a
-//!   data URL) and `strength` for SDEdit from that image.
+//!   data URL) and `strength` for SDEdit from that image, or `noise` (x_T as base64 f32) to
+//!   sample from a given x_T (an inverted image's, to decode it at other settings);
+//! - `POST /api/invert` `{"image": data URL, "steps": 50}`: the image's DDIM inversion x_T, as
+//!   base64 f32 (for `noise`) and as a preview.
 //!
 //! A bad request gets HTTP 400 with `{"error": ..., "field": ...}` naming the parameter; a full
 //! queue gets 429. Runs sample one at a time (the UNet uses every core), at most `--max-queue`
@@ -93,6 +96,8 @@ const MAX_BODY: usize = 1 << 20;
 struct SampleRequest {
     /// SDEdit's start image (1, c, h, w) and strength.
     init: Option<(Tensor, f64)>,
+    /// x_T of every image, given (`noise`).
+    noise: Option<Vec<f32>>,
     sampler: String,
     kind: SchedulerKind,
     config: SchedulerConfig,
@@ -187,6 +192,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/", get(page))
         .route("/api/info", get(info))
         .route("/api/sample", get(sample).post(sample_post))
+        .route("/api/invert", axum::routing::post(invert))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .fallback(|| async {
             ApiError {
@@ -269,7 +275,9 @@ fn parse_request(
     model: &Model,
     limits: Limits,
 ) -> Result<SampleRequest, ApiError> {
-    const KNOWN: [&str; 7] = ["sampler", "steps", "eta", "seed", "n", "init", "strength"];
+    const KNOWN: [&str; 8] = [
+        "sampler", "steps", "eta", "seed", "n", "init", "strength", "noise",
+    ];
     if let Some(key) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::bad(
             key,
@@ -300,7 +308,24 @@ fn parse_request(
             format!("steps={steps}: must be between 1 and {}", limits.max_steps),
         ));
     }
-    let n: usize = num(query, "n", 4, "a whole number of images")?;
+    let shape =
+        pipeline::noise_shape(&model.unet, 1).map_err(|e| ApiError::bad("n", e.to_string()))?;
+    let per_image = shape[1] * shape[2] * shape[3];
+    let noise = match query.get("noise") {
+        None => None,
+        Some(_) if query.contains_key("init") => {
+            return Err(ApiError::bad("noise", "give noise (x_T) or init, not both"))
+        }
+        Some(b64) => Some(decode_f32s(b64, per_image)?),
+    };
+    let given_n = noise.as_ref().map_or(4, |v| v.len() / per_image);
+    let n: usize = num(query, "n", given_n, "a whole number of images")?;
+    if noise.is_some() && n != given_n {
+        return Err(ApiError::bad(
+            "n",
+            format!("n={n}, but noise holds x_T for {given_n} image(s)"),
+        ));
+    }
     if n == 0 || n > limits.max_images {
         return Err(ApiError::bad(
             "n",
@@ -359,11 +384,12 @@ fn parse_request(
                     format!("steps={steps} × strength={strength} leaves no step to run"),
                 ));
             }
-            Some((decode_init(url, model)?, strength))
+            Some((decode_image("init", url, model)?, strength))
         }
     };
     Ok(SampleRequest {
         init,
+        noise,
         sampler,
         kind,
         config,
@@ -374,23 +400,157 @@ fn parse_request(
     })
 }
 
+/// Whole images' worth of f32 values (little-endian) from base64.
+fn decode_f32s(b64: &str, per_image: usize) -> Result<Vec<f32>, ApiError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::bad("noise", format!("noise: not base64 ({e})")))?;
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if bytes.len() % 4 != 0 || values.is_empty() || values.len() % per_image != 0 {
+        return Err(ApiError::bad(
+            "noise",
+            format!(
+                "noise: {} bytes; expected little-endian f32 x_T, {per_image} values per image",
+                bytes.len()
+            ),
+        ));
+    }
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        return Err(ApiError::bad(
+            "noise",
+            format!("noise: holds {bad}; x_T must be finite"),
+        ));
+    }
+    Ok(values)
+}
+
+fn encode_f32s(t: &Tensor) -> ddim::Result<String> {
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// `POST /api/invert`: `{"image": data URL, "steps": 50}` → the image's DDIM inversion.
+async fn invert(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let object = json_object(body)?;
+    if let Some(key) = object
+        .keys()
+        .find(|k| !["image", "steps"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad(
+            key,
+            format!("unknown key `{key}`; /api/invert takes image and steps"),
+        ));
+    }
+    let steps = match object.get("steps") {
+        None => 50,
+        Some(v) => v
+            .as_u64()
+            .filter(|&s| s >= 1 && s as usize <= shared.limits.max_steps)
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "steps",
+                    format!(
+                        "steps={v}: must be between 1 and {}",
+                        shared.limits.max_steps
+                    ),
+                )
+            })? as usize,
+    };
+    let image = object
+        .get("image")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad("image", "image: give the image as a data URL"))?;
+    let x0 = decode_image("image", image, &shared.model)?;
+    let permit = shared
+        .queue
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&shared))?;
+    let job = shared.clone();
+    let failed = |e: String| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        field: None,
+        message: format!("the inversion failed: {e}"),
+    };
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _turn = job
+            .sampling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let x_t = pipeline::invert(
+            &job.model.unet,
+            &job.model.scheduler_config,
+            &x0,
+            steps,
+            None,
+            &mut |_| Ok(()),
+        )?;
+        // a preview of x_T: unit variance shown as [-1, 1] / 3
+        Ok::<_, ddim::Error>(json!({
+            "steps": steps,
+            "x_t": encode_f32s(&x_t)?,
+            "x_t_image": data_urls(&x_t.affine(1.0 / 3.0, 0.0)?)?[0],
+        }))
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map_err(|e| failed(e.to_string()))?;
+    Ok(Json(result))
+}
+
+fn busy(shared: &Shared) -> ApiError {
+    ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        field: None,
+        message: format!(
+            "{} runs are waiting or running (--max-queue); try again when one ends",
+            shared.limits.max_queue
+        ),
+    }
+}
+
+/// A JSON request body that must be an object.
+fn json_object(
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError {
+        status: e.status(),
+        field: Some("body".into()),
+        message: format!("the body must be a JSON object: {}", e.body_text()),
+    })?;
+    match body {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::bad("body", "the body must be a JSON object")),
+    }
+}
+
 /// An init image from a `data:image/...;base64,` URL, at the model's size and channels.
-fn decode_init(url: &str, model: &Model) -> Result<Tensor, ApiError> {
-    let bad = |why: String| ApiError::bad("init", why);
+fn decode_image(field: &str, url: &str, model: &Model) -> Result<Tensor, ApiError> {
+    let bad = |why: String| ApiError::bad(field, why);
     let b64 = url
         .strip_prefix("data:")
         .and_then(|rest| rest.split_once(";base64,"))
         .filter(|(mime, _)| mime.starts_with("image/"))
         .map(|(_, b64)| b64)
         .ok_or_else(|| {
-            bad("init: expected an image as a data URL (data:image/png;base64,...)".into())
+            bad(format!(
+                "{field}: expected an image as a data URL (data:image/png;base64,...)"
+            ))
         })?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
-        .map_err(|e| bad(format!("init: not base64 ({e})")))?;
+        .map_err(|e| bad(format!("{field}: not base64 ({e})")))?;
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| bad(format!("init: {e}")))?;
+        .map_err(|e| bad(format!("{field}: {e}")))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(4096);
     limits.max_image_height = Some(4096);
@@ -398,13 +558,13 @@ fn decode_init(url: &str, model: &Model) -> Result<Tensor, ApiError> {
     reader.limits(limits);
     let img = reader.decode().map_err(|e| {
         bad(format!(
-            "init: cannot decode the image ({e}); PNG, JPEG and GIF up to 4096×4096 are supported"
+            "{field}: cannot decode the image ({e}); PNG, JPEG and GIF up to 4096×4096 are supported"
         ))
     })?;
     let shape = pipeline::noise_shape(&model.unet, 1).map_err(|e| bad(e.to_string()))?;
     ddim::image_io::from_image(&img, shape[1], Some((shape[3] as u32, shape[2] as u32)))
         .and_then(|t| Ok(t.to_device(&model.device)?))
-        .map_err(|e| bad(format!("init: {e}")))
+        .map_err(|e| bad(format!("{field}: {e}")))
 }
 
 /// `POST /api/sample`: the keys of the GET query as a JSON object.
@@ -412,20 +572,7 @@ async fn sample_post(
     state: State<Arc<Shared>>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError {
-        status: e.status(),
-        field: Some("body".into()),
-        message: format!(
-            "the body must be a JSON object of run settings: {}",
-            e.body_text()
-        ),
-    })?;
-    let Some(object) = body.as_object() else {
-        return Err(ApiError::bad(
-            "body",
-            "the body must be a JSON object of run settings",
-        ));
-    };
+    let object = json_object(body)?;
     let query = object
         .iter()
         .map(|(k, v)| {
@@ -448,14 +595,7 @@ async fn sample(
         .queue
         .clone()
         .try_acquire_owned()
-        .map_err(|_| ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            field: None,
-            message: format!(
-                "{} runs are waiting or running (--max-queue); try again when one ends",
-                shared.limits.max_queue
-            ),
-        })?;
+        .map_err(|_| busy(&shared))?;
     let (tx, rx) = mpsc::channel::<Event>(4);
     shared.started.fetch_add(1, Ordering::SeqCst);
     let job = shared.clone();
@@ -571,7 +711,12 @@ fn sample_run(model: &Model, r: &SampleRequest, tx: &mpsc::Sender<Event>) -> Res
                     &mut on_step,
                 )
             }),
-        None => generator.randn(&shape, &model.device).and_then(|x_t| {
+        None => match &r.noise {
+            Some(v) => Tensor::from_vec(v.clone(), shape.to_vec(), &model.device)
+                .map_err(ddim::Error::from),
+            None => generator.randn(&shape, &model.device),
+        }
+        .and_then(|x_t| {
             pipeline::sample(
                 &model.unet,
                 &r.config,

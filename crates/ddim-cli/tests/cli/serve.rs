@@ -370,3 +370,91 @@ fn serve_sdedit_from_a_posted_image_matches_the_cli() {
     let (status, _) = server.post("/api/sample", huge.as_bytes());
     assert_eq!(status, 413);
 }
+
+/// `POST /api/invert` gives an image's x_T; sampling from it (`noise`) at η = 0 and the same
+/// steps decodes the image as `ddim invert --reconstruct` does.
+#[test]
+fn serve_inverts_an_image_and_decodes_its_noise() {
+    let server = Server::start(&[]);
+    let dir = tmp("serve-invert");
+    let img = dir.join("x.png");
+    image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb([(x * 31) as u8, 200, (y * 29) as u8])
+    })
+    .save(&img)
+    .unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&img).unwrap())
+    );
+    let (status, text) = server.post(
+        "/api/invert",
+        serde_json::json!({"image": url, "steps": 6})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let inv: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let x_t = inv["x_t"].as_str().unwrap().to_string();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&x_t)
+            .unwrap()
+            .len(),
+        3 * 8 * 8 * 4
+    );
+    png_of(&inv["x_t_image"]);
+    let (status, text) = server.post(
+        "/api/sample",
+        serde_json::json!({"noise": x_t, "steps": 6})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let ev = events(&text);
+    let done = &ev.last().unwrap().1;
+    let rec = dir.join("rec.png");
+    let o = ddim(&[
+        "invert",
+        "--model",
+        tiny_model(),
+        "-i",
+        img.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--save-tensor",
+        dir.join("x.npy").to_str().unwrap(),
+        "--reconstruct",
+        rec.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        png_of(&done["images"][0]),
+        image::open(&rec).unwrap().to_rgb8()
+    );
+    for (body, field) in [
+        (serde_json::json!({"noise": "AAAA"}), "noise"),
+        (serde_json::json!({"noise": x_t, "n": 2}), "n"),
+        (serde_json::json!({"noise": x_t, "init": url}), "noise"),
+    ] {
+        let (status, text) = server.post("/api/sample", body.to_string().as_bytes());
+        assert_eq!(status, 400, "{body}: {text}");
+        let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["field"], field, "{body}: {e}");
+    }
+    for (body, field) in [
+        (
+            serde_json::json!({"image": "data:image/png;base64,AAAA"}),
+            "image",
+        ),
+        (serde_json::json!({"steps": 5}), "image"),
+        (serde_json::json!({"image": url, "steps": 0}), "steps"),
+        (serde_json::json!({"image": url, "eta": 1}), "eta"),
+    ] {
+        let (status, text) = server.post("/api/invert", body.to_string().as_bytes());
+        assert_eq!(status, 400, "{body}: {text}");
+        let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["field"], field, "{body}: {e}");
+    }
+}
