@@ -409,7 +409,10 @@ fn decode_f32s(b64: &str, per_image: usize) -> Result<Vec<f32>, ApiError> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    if bytes.len() % 4 != 0 || values.is_empty() || values.len() % per_image != 0 {
+    if !bytes.len().is_multiple_of(4)
+        || values.is_empty()
+        || !values.len().is_multiple_of(per_image)
+    {
         return Err(ApiError::bad(
             "noise",
             format!(
