@@ -11,7 +11,9 @@
 //!   data URL) and `strength` for SDEdit from that image, or `noise` (x_T as base64 f32) to
 //!   sample from a given x_T (an inverted image's, to decode it at other settings);
 //! - `POST /api/invert` `{"image": data URL, "steps": 50}`: the image's DDIM inversion x_T, as
-//!   base64 f32 (for `noise`) and as a preview.
+//!   base64 f32 (for `noise`) and as a preview;
+//! - `POST /api/interpolate` `{"a": data URL, "b": data URL, "steps": 50, "frames": 8}`: both
+//!   images inverted, the great circle between their x_T decoded at η = 0 (DDIM §5.3).
 //!
 //! A bad request gets HTTP 400 with `{"error": ..., "field": ...}` naming the parameter; a full
 //! queue gets 429. Runs sample one at a time (the UNet uses every core), at most `--max-queue`
@@ -193,6 +195,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/info", get(info))
         .route("/api/sample", get(sample).post(sample_post))
         .route("/api/invert", axum::routing::post(invert))
+        .route("/api/interpolate", axum::routing::post(interpolate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .fallback(|| async {
             ApiError {
@@ -507,6 +510,105 @@ async fn invert(
     .map_err(|e| failed(e.to_string()))?
     .map_err(|e| failed(e.to_string()))?;
     Ok(Json(result))
+}
+
+/// The most frames of one interpolation.
+const MAX_FRAMES: usize = 64;
+
+/// `POST /api/interpolate`: two images' inversions, the slerp between them decoded.
+async fn interpolate(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let object = json_object(body)?;
+    const KEYS: [&str; 4] = ["a", "b", "steps", "frames"];
+    if let Some(key) = object.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ApiError::bad(
+            key,
+            format!(
+                "unknown key `{key}`; /api/interpolate takes {}",
+                KEYS.join(", ")
+            ),
+        ));
+    }
+    let whole = |key: &str, default: usize, max: usize| -> Result<usize, ApiError> {
+        match object.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|n| n as usize)
+                .filter(|&n| n >= 1 && n <= max)
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        key,
+                        format!("{key}={v}: must be a whole number from 1 to {max}"),
+                    )
+                }),
+        }
+    };
+    let steps = whole("steps", 50, shared.limits.max_steps)?;
+    let frames = whole("frames", 8, MAX_FRAMES)?;
+    if frames < 2 {
+        return Err(ApiError::bad("frames", "frames=1: at least the two ends"));
+    }
+    let mut ends = Vec::new();
+    for key in ["a", "b"] {
+        let url = object
+            .get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad(key, format!("{key}: give an image as a data URL")))?;
+        ends.push(decode_image(key, url, &shared.model)?);
+    }
+    let permit = shared
+        .queue
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&shared))?;
+    let job = shared.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _turn = job
+            .sampling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let model = &job.model;
+        let inverted = ends
+            .iter()
+            .map(|x0| {
+                pipeline::invert(
+                    &model.unet,
+                    &model.scheduler_config,
+                    x0,
+                    steps,
+                    None,
+                    &mut |_| Ok(()),
+                )
+            })
+            .collect::<ddim::Result<Vec<_>>>()?;
+        let z = pipeline::interpolation_noise(&inverted[0], &inverted[1], frames)?;
+        let options = SampleOptions {
+            num_inference_steps: steps,
+            ..SampleOptions::default()
+        };
+        let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
+        // DDIM at η = 0 draws no noise: no generator.
+        let x = pipeline::denoise(&model.unet, scheduler.as_mut(), z, None, None, &mut |_| {
+            Ok(())
+        })?;
+        Ok::<_, ddim::Error>(json!({"steps": steps, "frames": data_urls(&x)?}))
+    })
+    .await
+    .map_err(|e| internal(format!("the interpolation stopped: {e}")))?
+    .map_err(|e| internal(format!("the interpolation failed: {e}")))?;
+    Ok(Json(result))
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        field: None,
+        message,
+    }
 }
 
 fn busy(shared: &Shared) -> ApiError {

@@ -458,3 +458,76 @@ fn serve_inverts_an_image_and_decodes_its_noise() {
         assert_eq!(e["field"], field, "{body}: {e}");
     }
 }
+
+/// `POST /api/interpolate` gives the frames of `ddim interpolate --image-a --image-b`.
+#[test]
+fn serve_interpolates_between_two_images_as_the_cli_does() {
+    let server = Server::start(&[]);
+    let dir = tmp("serve-interp");
+    let mut urls = Vec::new();
+    for (k, name) in ["a.png", "b.png"].iter().enumerate() {
+        image::RgbImage::from_fn(8, 8, |x, y| {
+            let v = ((x * 23 + y * 41 + k as u32 * 97) % 256) as u8;
+            image::Rgb([v, 128, 255 - v])
+        })
+        .save(dir.join(name))
+        .unwrap();
+        urls.push(format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD
+                .encode(std::fs::read(dir.join(name)).unwrap())
+        ));
+    }
+    let body = serde_json::json!({"a": urls[0], "b": urls[1], "steps": 6, "frames": 4});
+    let (status, text) = server.post("/api/interpolate", body.to_string().as_bytes());
+    assert_eq!(status, 200, "{text}");
+    let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let frames = got["frames"].as_array().unwrap();
+    assert_eq!(frames.len(), 4);
+    let strip = dir.join("strip.png");
+    let o = ddim(&[
+        "interpolate",
+        "--model",
+        tiny_model(),
+        "--image-a",
+        dir.join("a.png").to_str().unwrap(),
+        "--image-b",
+        dir.join("b.png").to_str().unwrap(),
+        "--steps",
+        "6",
+        "--frames",
+        "4",
+        "-q",
+        "-o",
+        strip.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let grid = image::open(&strip).unwrap().to_rgb8();
+    for (k, url) in frames.iter().enumerate() {
+        let frame = png_of(url);
+        for (x, y, p) in frame.enumerate_pixels() {
+            assert_eq!(grid.get_pixel(2 + k as u32 * 10 + x, 2 + y), p, "frame {k}");
+        }
+    }
+    for (body, field) in [
+        (serde_json::json!({"a": urls[0]}), "b"),
+        (
+            serde_json::json!({"a": urls[0], "b": urls[1], "frames": 1}),
+            "frames",
+        ),
+        (
+            serde_json::json!({"a": urls[0], "b": urls[1], "frames": 1000}),
+            "frames",
+        ),
+        (serde_json::json!({"a": urls[0], "b": "x", "steps": 3}), "b"),
+        (
+            serde_json::json!({"a": urls[0], "b": urls[1], "seed": 3}),
+            "seed",
+        ),
+    ] {
+        let (status, text) = server.post("/api/interpolate", body.to_string().as_bytes());
+        assert_eq!(status, 400, "{body}: {text}");
+        let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["field"], field, "{body}: {e}");
+    }
+}
