@@ -531,3 +531,123 @@ fn serve_interpolates_between_two_images_as_the_cli_does() {
         assert_eq!(e["field"], field, "{body}: {e}");
     }
 }
+
+/// The server's resident memory in KiB (Linux).
+#[cfg(target_os = "linux")]
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A bounded load: 8 clients × 6 rounds of runs (some left half-way; every other round meets a
+/// queue already full) on localhost. Every answer is a finished stream or a 429, the counters add up, and the memory
+/// after the last round is where it was after the first (no leak per run). Prints the figures.
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_holds_its_limits_under_load_and_does_not_leak() {
+    let server = Server::start(&["--max-queue", "3", "--max-images", "4"]);
+    let pid = server.child.as_ref().unwrap().id();
+    let (clients, rounds) = (8usize, 6usize);
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    let (mut done, mut refused, mut left) = (0, 0, 0);
+    for round in 0..rounds {
+        // every other round starts with the queue full: one long run past its first step and
+        // two waiting for it
+        let holders: Vec<TcpStream> = if round % 2 == 0 {
+            let mut first = server.connect("/api/sample?steps=1000&n=4");
+            let mut buf = [0u8; 1024];
+            let mut seen = String::new();
+            while !seen.contains("event: step") {
+                let k = first.read(&mut buf).unwrap();
+                assert!(k > 0);
+                seen.push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+            let mut all = vec![first];
+            all.extend((0..2).map(|_| server.connect("/api/sample?steps=1000&n=4")));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while server.json("/api/info").1["jobs"]["waiting_or_running"] != 3 {
+                assert!(Instant::now() < deadline, "the queue did not fill");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            all
+        } else {
+            Vec::new()
+        };
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                let port = server.port;
+                std::thread::spawn(move || {
+                    let probe = Server { child: None, port };
+                    if c % 4 == 3 {
+                        // leaves after the first step
+                        let mut s = probe.connect("/api/sample?steps=200&n=4");
+                        let mut buf = [0u8; 1024];
+                        let k = s.read(&mut buf).unwrap();
+                        let head = String::from_utf8_lossy(&buf[..k]).to_string();
+                        return if head.contains(" 429 ") { 1 } else { 2 };
+                    }
+                    let (status, body) =
+                        probe.get(&format!("/api/sample?steps=8&n=4&seed={}", round * 8 + c));
+                    match status {
+                        200 => {
+                            assert_eq!(events(&body).last().unwrap().0, "done");
+                            0
+                        }
+                        429 => 1,
+                        other => panic!("status {other}: {body}"),
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join().unwrap() {
+                0 => done += 1,
+                1 => refused += 1,
+                _ => left += 1,
+            }
+        }
+        left += holders.len();
+        drop(holders);
+        // every run of the round has ended (the cancelled ones within their next step)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, info) = server.json("/api/info");
+            if info["jobs"]["waiting_or_running"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "runs still going: {info}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        rss.push(rss_kib(pid));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (_, info) = server.json("/api/info");
+    let jobs = &info["jobs"];
+    let n = |k: &str| jobs[k].as_u64().unwrap();
+    assert_eq!(
+        n("started"),
+        n("finished") + n("cancelled") + n("failed"),
+        "{info}"
+    );
+    assert_eq!(n("failed"), 0, "{info}");
+    assert_eq!(n("finished"), done as u64, "{info}");
+    assert_eq!(
+        done + refused + left,
+        clients * rounds + 3 * rounds.div_ceil(2)
+    );
+    // with the queue full every client of those rounds is refused; in the others some run
+    assert!(refused >= clients * rounds.div_ceil(2), "{refused} refused");
+    assert!(done > 0, "{info}");
+    let growth = rss[rss.len() - 1] as i64 - rss[0] as i64;
+    println!(
+        "load: {clients} clients × {rounds} rounds in {seconds:.1} s: {done} runs finished, \
+         {refused} refused (429), {left} left half-way; RSS after each round (KiB): {rss:?}"
+    );
+    assert!(growth < 16 * 1024, "RSS grew {growth} KiB: {rss:?}");
+}
