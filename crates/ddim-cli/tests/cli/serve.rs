@@ -54,9 +54,7 @@ impl Server {
 
     /// Status and (de-chunked) body of a GET.
     fn get(&self, path: &str) -> (u16, String) {
-        let mut raw = Vec::new();
-        self.connect(path).read_to_end(&mut raw).unwrap();
-        Self::response(raw)
+        Self::response(read_response(&mut self.connect(path)))
     }
 
     /// Status and body of a POST of `body` as JSON.
@@ -72,9 +70,19 @@ impl Server {
         .unwrap();
         // (a server that refuses early may close before reading it all)
         let _ = s.write_all(body);
-        let mut raw = Vec::new();
-        let _ = s.read_to_end(&mut raw);
-        Self::response(raw)
+        Self::response(read_response(&mut s))
+    }
+
+    /// Status and body of a DELETE.
+    fn get_delete(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        write!(
+            s,
+            "DELETE {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        Self::response(read_response(&mut s))
     }
 
     fn response(raw: Vec<u8>) -> (u16, String) {
@@ -105,6 +113,39 @@ impl Drop for Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// One HTTP response, read to its end: Content-Length bytes, the last chunk, or the end of the
+/// connection (some servers keep it open after `Connection: close`).
+fn read_response(s: &mut TcpStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let k = s.read(&mut buf).unwrap_or(0);
+        if k == 0 {
+            return raw;
+        }
+        raw.extend_from_slice(&buf[..k]);
+        let text = String::from_utf8_lossy(&raw);
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let head = text[..end].to_ascii_lowercase();
+        let length = head.lines().find_map(|l| {
+            l.strip_prefix("content-length:")
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        });
+        let body = raw.len() - (end + 4);
+        match length {
+            Some(n) if body >= n => return raw,
+            None if head.contains("transfer-encoding: chunked")
+                && text[end..].ends_with("\r\n0\r\n\r\n") =>
+            {
+                return raw
+            }
+            _ => {}
         }
     }
 }
@@ -650,4 +691,184 @@ fn serve_holds_its_limits_under_load_and_does_not_leak() {
          {refused} refused (429), {left} left half-way; RSS after each round (KiB): {rss:?}"
     );
     assert!(growth < 16 * 1024, "RSS grew {growth} KiB: {rss:?}");
+}
+
+/// A WebDriver session of chromedriver (W3C protocol over HTTP).
+struct Browser {
+    driver: Server,
+    session: String,
+}
+
+impl Browser {
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/session/{}{path}", self.session);
+        let (status, text) = match method {
+            "GET" => self.driver.get(&path),
+            _ => self.driver.post(&path, body.to_string().as_bytes()),
+        };
+        assert_eq!(status, 200, "{method} {path}: {text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["value"].clone()
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call(
+            "POST",
+            "/element",
+            serde_json::json!({"using": "css selector", "value": css}),
+        );
+        v["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn script(&self, js: &str) -> serde_json::Value {
+        self.call(
+            "POST",
+            "/execute/sync",
+            serde_json::json!({"script": js, "args": []}),
+        )
+    }
+
+    fn wait_for(&self, js: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.script(js) != serde_json::Value::Bool(true) {
+            let status = self.script("return document.getElementById('status').textContent");
+            assert!(Instant::now() < deadline, "{what}; the page says {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The page in headless Chromium (Debian's chromium + chromium-driver, which `.ci/run`
+/// installs): it loads the samplers, samples with previews updating step by step, draws on the
+/// pad and inverts the drawing. `DDIM_SERVE_SCREENSHOT=FILE` saves a screenshot there (the
+/// README's docs/serve.png). Without chromedriver on PATH the test says so and does nothing.
+#[test]
+fn serve_page_works_in_headless_chromium() {
+    let found = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if !found("chromedriver") || !found("chromium") {
+        eprintln!("SKIPPED: chromedriver and chromium are not on PATH (.ci/run installs them)");
+        return;
+    }
+    let server = Server::start(&[]);
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let driver = Server {
+        child: Some(child),
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1100,700"]
+        }
+    }}});
+    let (status, text) = driver.post("/session", caps.to_string().as_bytes());
+    assert_eq!(status, 200, "{text}");
+    let session = serde_json::from_str::<serde_json::Value>(&text).unwrap()["value"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = Browser { driver, session };
+    b.call(
+        "POST",
+        "/url",
+        serde_json::json!({"url": format!("http://127.0.0.1:{}/", server.port)}),
+    );
+    b.wait_for(
+        "return document.getElementById('sampler').options.length > 5",
+        "the samplers did not load",
+    );
+    for (id, value) in [("steps", "12"), ("n", "8")] {
+        let e = b.element(&format!("#{id}"));
+        b.call(
+            "POST",
+            &format!("/element/{e}/clear"),
+            serde_json::json!({}),
+        );
+        b.call(
+            "POST",
+            &format!("/element/{e}/value"),
+            serde_json::json!({"text": value}),
+        );
+    }
+    let go = b.element("#go");
+    b.call(
+        "POST",
+        &format!("/element/{go}/click"),
+        serde_json::json!({}),
+    );
+    b.wait_for(
+        "return document.body.dataset.done === '1'",
+        "the run did not finish",
+    );
+    // the previews changed at every step, and the final images are shown
+    assert_eq!(b.script("return Number(document.body.dataset.steps)"), 12);
+    assert_eq!(
+        b.script("return document.querySelectorAll('#x0 img').length"),
+        8
+    );
+    // draw a stroke on the pad, invert it
+    let pad = b.element("#pad");
+    let origin = serde_json::json!({"element-6066-11e4-a52e-4f735466cecf": pad});
+    b.call(
+        "POST",
+        "/actions",
+        serde_json::json!({"actions": [{"type": "pointer", "id": "pen",
+            "parameters": {"pointerType": "mouse"}, "actions": [
+            {"type": "pointerMove", "origin": origin, "x": -30, "y": -40},
+            {"type": "pointerDown", "button": 0},
+            {"type": "pointerMove", "origin": origin, "x": 0, "y": 40, "duration": 100},
+            {"type": "pointerMove", "origin": origin, "x": 30, "y": -40, "duration": 100},
+            {"type": "pointerUp", "button": 0}]}]}),
+    );
+    let lit = b.script(
+        "const c = document.getElementById('pad').getContext('2d');\
+         const d = c.getImageData(0, 0, 168, 168).data; let n = 0;\
+         for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++; return n",
+    );
+    assert!(lit.as_u64().unwrap() > 100, "the stroke drew {lit} pixels");
+    let invert = b.element("#invert");
+    b.call(
+        "POST",
+        &format!("/element/{invert}/click"),
+        serde_json::json!({}),
+    );
+    b.wait_for(
+        "return !document.getElementById('inverted').hidden",
+        "the drawing was not inverted",
+    );
+    if let Some(path) = std::env::var_os("DDIM_SERVE_SCREENSHOT") {
+        let shot = b.call("GET", "/screenshot", serde_json::json!({}));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot.as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+    let (status, _) = b.driver.get_delete(&format!("/session/{}", b.session));
+    assert_eq!(status, 200);
 }
