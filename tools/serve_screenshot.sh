@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # docs/serve.png: the `ddim serve` page on the built-in model, after a run and an inverted
 # drawing, in headless Chromium (Debian: apt-get install chromium chromium-driver).
-# Usage: tools/serve_screenshot.sh [OUT.png]   (from the repository root; builds the release binary)
+# Usage: tools/serve_screenshot.sh [OUT.png]   (from the repository root; builds the release
+# binary unless DDIM_BIN names one)
 set -euo pipefail
 out=${1:-docs/serve.png}
-cargo build --release -q -p ddim-cli
+bin=${DDIM_BIN:-target/release/ddim}
+[ -n "${DDIM_BIN:-}" ] || cargo build --release -q -p ddim-cli
 port=7877 wd=9517
-target/release/ddim serve --port $port 2>/dev/null &
+"$bin" serve --port $port 2>/dev/null &
 server=$!
 chromedriver --port=$wd >/dev/null 2>&1 &
 driver=$!
