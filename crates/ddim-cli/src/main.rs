@@ -14,6 +14,7 @@ mod common;
 mod convert_cmd;
 mod eval_cmd;
 mod experiments;
+mod inpaint_cmd;
 mod inspect_cmd;
 mod interpolate_cmd;
 mod invert_cmd;
@@ -45,6 +46,8 @@ enum Command {
     Invert(invert_cmd::InvertArgs),
     /// Interpolate between the noise of two seeds (spherical) and sample each frame.
     Interpolate(interpolate_cmd::InterpolateArgs),
+    /// Repaint the masked part of an image (RePaint, as diffusers' RePaintPipeline).
+    Inpaint(inpaint_cmd::InpaintArgs),
     /// Show a model's configs, parameter count and what `sample` would run.
     Inspect(inspect_cmd::InspectArgs),
     /// Print the timesteps and noise levels a scheduler config gives for N inference steps.
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample_cmd::run(args),
         Command::Invert(args) => invert_cmd::run(args),
         Command::Interpolate(args) => interpolate_cmd::run(args),
+        Command::Inpaint(args) => inpaint_cmd::run(args),
         Command::Inspect(args) => inspect_cmd::run(args),
         Command::Schedule(args) => schedule_cmd::run(args),
         Command::Train(args) => train_cmd::run(args),

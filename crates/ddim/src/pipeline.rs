@@ -459,3 +459,143 @@ pub fn interpolation_noise(a: &Tensor, b: &Tensor, frames: usize) -> Result<Tens
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&zs, 0)?)
 }
+
+/// RePaint's settings (Lugmayr et al. 2022, [arXiv:2201.09865](https://arxiv.org/abs/2201.09865);
+/// diffusers' `RePaintPipeline` defaults: 250 steps, jumps of 10, 10 resamplings, η = 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RepaintOptions {
+    /// Denoising steps of the schedule before jumps.
+    pub num_inference_steps: usize,
+    /// Steps gone back up at each jump.
+    pub jump_length: usize,
+    /// Times each jump point is passed (1: no resampling).
+    pub jump_n_sample: usize,
+    /// DDIM's η of the denoising steps.
+    pub eta: f64,
+}
+
+impl Default for RepaintOptions {
+    fn default() -> Self {
+        RepaintOptions {
+            num_inference_steps: 250,
+            jump_length: 10,
+            jump_n_sample: 10,
+            eta: 0.0,
+        }
+    }
+}
+
+/// RePaint's walk over the timesteps (diffusers' `RePaintScheduler.set_timesteps`): down one
+/// step at a time, and at every `jump_length`-th step below the top, back up `jump_length`
+/// steps, `jump_n_sample - 1` times. A step down is a denoising step; a step up re-noises.
+pub fn repaint_timesteps(
+    options: &RepaintOptions,
+    num_train_timesteps: usize,
+) -> Result<Vec<usize>> {
+    let n = options.num_inference_steps;
+    if n == 0 || n > num_train_timesteps {
+        return Err(Error::argument(
+            "num_inference_steps",
+            n,
+            format!("between 1 and the {num_train_timesteps} training timesteps"),
+        ));
+    }
+    if options.jump_length == 0 || options.jump_n_sample == 0 {
+        return Err(Error::argument(
+            "jump_length / jump_n_sample",
+            format!("{} / {}", options.jump_length, options.jump_n_sample),
+            "at least 1 each",
+        ));
+    }
+    if !(options.eta.is_finite() && options.eta >= 0.0) {
+        return Err(Error::argument("eta", options.eta, "a finite number >= 0"));
+    }
+    let mut jumps = std::collections::HashMap::new();
+    let mut j = 0;
+    while j + options.jump_length < n {
+        jumps.insert(j, options.jump_n_sample - 1);
+        j += options.jump_length;
+    }
+    let mut out = Vec::new();
+    let mut t = n;
+    while t >= 1 {
+        t -= 1;
+        out.push(t);
+        if let Some(left) = jumps.get_mut(&t).filter(|left| **left > 0) {
+            *left -= 1;
+            for _ in 0..options.jump_length {
+                t += 1;
+                out.push(t);
+            }
+        }
+    }
+    let stride = num_train_timesteps / n;
+    Ok(out.into_iter().map(|t| t * stride).collect())
+}
+
+/// RePaint inpainting as diffusers' `RePaintPipeline` + `RePaintScheduler` run it: from x_T drawn
+/// by `generator`, every step down is DDIM's update (with `eta`) of the unknown part, while the
+/// known part (where `mask` is 1) is `image` noised to the new level by the forward process
+/// (with a fresh draw, the one the step's variance uses); every step up re-noises by the betas.
+/// `image` is NCHW in [-1, 1]; `mask` (1 or N, 1, H, W) is 1 where the image is kept and 0 where
+/// it is repainted. The last step keeps the image exactly where the mask is 1. `callback(i, n)`
+/// runs after each of the n walk steps.
+pub fn repaint(
+    unet: &UNet2DModel,
+    scheduler_config: &SchedulerConfig,
+    options: &RepaintOptions,
+    image: &Tensor,
+    mask: &Tensor,
+    generator: &mut Generator,
+    callback: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Tensor> {
+    let train = scheduler_config.num_train_timesteps;
+    let walk = repaint_timesteps(options, train)?;
+    let ddpm = DDPMScheduler::new(scheduler_config)?;
+    let (ac, betas) = (ddpm.alphas_cumprod().to_vec(), ddpm.betas().to_vec());
+    let image = image.to_dtype(DType::F32)?;
+    let dims = image.dims().to_vec();
+    let mask = mask.to_dtype(DType::F32)?.broadcast_as(dims.as_slice())?;
+    let keep_out = mask.affine(-1.0, 1.0)?;
+    let channels = dims[1];
+    prepare(unet, &image);
+    let stride = train / options.num_inference_steps;
+    let mut x = generator.randn(&dims, image.device())?;
+    let mut t_last = walk[0] + 1;
+    for (i, &t) in walk.iter().enumerate() {
+        if t < t_last {
+            let out = keep_channels(model_output(unet, &x, t as f64, None)?, channels)?;
+            let a_t = ac[t] as f64;
+            let a_prev = if t >= stride {
+                ac[t - stride] as f64
+            } else {
+                1.0
+            };
+            let mut x0 = ((&x - out.affine((1.0 - a_t).sqrt(), 0.0)?)? / a_t.sqrt())?;
+            if scheduler_config.clip_sample {
+                let r = scheduler_config.clip_sample_range;
+                x0 = x0.clamp(-r, r)?;
+            }
+            let noise = generator.randn(&dims, image.device())?;
+            let variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev);
+            let std = options.eta * variance.max(0.0).sqrt();
+            let mut unknown = (x0.affine(a_prev.sqrt(), 0.0)?
+                + out.affine((1.0 - a_prev - std * std).max(0.0).sqrt(), 0.0)?)?;
+            if t > 0 && options.eta > 0.0 {
+                unknown = (unknown + noise.affine(std, 0.0)?)?;
+            }
+            let known =
+                (image.affine(a_prev.sqrt(), 0.0)? + noise.affine((1.0 - a_prev).sqrt(), 0.0)?)?;
+            x = ((known * &mask)? + (unknown * &keep_out)?)?;
+        } else {
+            for k in 0..stride {
+                let beta = betas[t_last + k] as f64;
+                let noise = generator.randn(&dims, image.device())?;
+                x = (x.affine((1.0 - beta).sqrt(), 0.0)? + noise.affine(beta.sqrt(), 0.0)?)?;
+            }
+        }
+        t_last = t;
+        callback(i, walk.len())?;
+    }
+    Ok(x)
+}

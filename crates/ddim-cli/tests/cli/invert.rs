@@ -158,3 +158,108 @@ fn interpolate_between_real_images_through_their_inversions() {
     let o = run(&["--seed-a", "3", "--overwrite"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// `ddim inpaint`: the white part of the mask keeps the image, the black is repainted; the
+/// record names the image and mask by content; bad options exit 2 with nothing written.
+#[test]
+fn inpaint_keeps_the_white_part_and_repaints_the_black() {
+    let dir = tmp("inpaint");
+    let img = dir.join("x.png");
+    let mask = dir.join("m.png");
+    image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb([(x * 30) as u8, (y * 30) as u8, 77])
+    })
+    .save(&img)
+    .unwrap();
+    image::GrayImage::from_fn(8, 8, |x, _| image::Luma([if x < 4 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let out = dir.join("out.png");
+    let run = |extra: &[&str]| {
+        let mut a = vec![
+            "inpaint",
+            "--model",
+            tiny_model(),
+            "-i",
+            img.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--steps",
+            "10",
+            "--jump-length",
+            "3",
+            "--jump-n-sample",
+            "2",
+            "-n",
+            "2",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        ddim(&a)
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = image::open(&img).unwrap().to_rgb8();
+    let row = image::open(&out).unwrap().to_rgb8();
+    assert_eq!((row.width(), row.height()), (2 * 10 + 2, 12));
+    for k in 0..2u32 {
+        let mut changed = 0;
+        for (x, y, p) in want.enumerate_pixels() {
+            let got = row.get_pixel(2 + k * 10 + x, 2 + y);
+            if x < 4 {
+                for c in 0..3 {
+                    assert!(
+                        (got[c] as i32 - p[c] as i32).abs() <= 1,
+                        "image {k} kept pixel ({x}, {y}) changed: {got:?} against {p:?}"
+                    );
+                }
+            } else if got != p {
+                changed += 1;
+            }
+        }
+        assert!(
+            changed > 16,
+            "image {k}: only {changed} repainted pixels differ"
+        );
+    }
+    let record = std::fs::read_to_string(dir.join("out.png.ddim-run.json")).unwrap();
+    assert!(
+        record.contains("mask_sha256") && record.contains("jump_n_sample"),
+        "{record}"
+    );
+    // the same settings: nothing to do; another seed: refused without --overwrite
+    assert!(run(&[]).status.success());
+    assert_eq!(run(&["--seed", "1"]).status.code(), Some(2));
+    for (extra, needle) in [
+        (&["--steps", "0"][..], "--steps"),
+        (&["--steps", "5000"][..], "--steps"),
+        (&["--jump-length", "0"][..], "--jump-length"),
+        (&["--eta", "-1"][..], "--eta"),
+        (&["-n", "0"][..], "-n 0"),
+    ] {
+        let fresh = dir.join("never.png");
+        let o = ddim(
+            &[
+                &[
+                    "inpaint",
+                    "--model",
+                    tiny_model(),
+                    "-i",
+                    img.to_str().unwrap(),
+                    "--mask",
+                    mask.to_str().unwrap(),
+                    "-q",
+                    "-o",
+                    fresh.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+        assert!(!fresh.exists());
+    }
+}
