@@ -13,7 +13,9 @@
 //! - `POST /api/invert` `{"image": data URL, "steps": 50}`: the image's DDIM inversion x_T, as
 //!   base64 f32 (for `noise`) and as a preview;
 //! - `POST /api/interpolate` `{"a": data URL, "b": data URL, "steps": 50, "frames": 8}`: both
-//!   images inverted, the great circle between their x_T decoded at η = 0 (DDIM §5.3).
+//!   images inverted, the great circle between their x_T decoded at η = 0 (DDIM §5.3);
+//! - `POST /api/inpaint` `{"image", "mask" (data URLs; white keeps), "steps", "jump_length",
+//!   "jump_n_sample", "eta", "seed", "n"}`: RePaint, as `ddim inpaint`.
 //!
 //! A bad request gets HTTP 400 with `{"error": ..., "field": ...}` naming the parameter; a full
 //! queue gets 429. Runs sample one at a time (the UNet uses every core), at most `--max-queue`
@@ -35,7 +37,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use candle_core::Tensor;
 use clap::Args;
-use ddim::pipeline::{self, Generator, SampleOptions, StepInfo};
+use ddim::pipeline::{self, Generator, RepaintOptions, SampleOptions, StepInfo};
 use ddim::scheduler::{SchedulerConfig, SchedulerKind};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -196,6 +198,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/sample", get(sample).post(sample_post))
         .route("/api/invert", axum::routing::post(invert))
         .route("/api/interpolate", axum::routing::post(interpolate))
+        .route("/api/inpaint", axum::routing::post(inpaint))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .fallback(|| async {
             ApiError {
@@ -600,6 +603,126 @@ async fn interpolate(
     .await
     .map_err(|e| internal(format!("the interpolation stopped: {e}")))?
     .map_err(|e| internal(format!("the interpolation failed: {e}")))?;
+    Ok(Json(result))
+}
+
+/// The longest RePaint walk one request may ask for (UNet calls).
+const MAX_WALK: usize = 5000;
+
+/// `POST /api/inpaint`: RePaint of the image where the mask is black.
+async fn inpaint(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let object = json_object(body)?;
+    const KEYS: [&str; 8] = [
+        "image",
+        "mask",
+        "steps",
+        "jump_length",
+        "jump_n_sample",
+        "eta",
+        "seed",
+        "n",
+    ];
+    if let Some(key) = object.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ApiError::bad(
+            key,
+            format!(
+                "unknown key `{key}`; /api/inpaint takes {}",
+                KEYS.join(", ")
+            ),
+        ));
+    }
+    let whole = |key: &str, default: u64, max: u64| -> Result<u64, ApiError> {
+        match object.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_u64().filter(|&n| n >= 1 && n <= max).ok_or_else(|| {
+                ApiError::bad(
+                    key,
+                    format!("{key}={v}: must be a whole number from 1 to {max}"),
+                )
+            }),
+        }
+    };
+    let l = shared.limits;
+    let options = RepaintOptions {
+        num_inference_steps: whole("steps", 50, l.max_steps as u64)? as usize,
+        jump_length: whole("jump_length", 10, 1000)? as usize,
+        jump_n_sample: whole("jump_n_sample", 10, 1000)? as usize,
+        eta: match object.get("eta") {
+            None => 0.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .ok_or_else(|| ApiError::bad("eta", format!("eta={v}: a number >= 0")))?,
+        },
+    };
+    let seed = match object.get("seed") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| ApiError::bad("seed", format!("seed={v}: a whole number >= 0")))?,
+    };
+    let n = whole("n", 1, l.max_images as u64)? as usize;
+    let model = &shared.model;
+    let walk = pipeline::repaint_timesteps(&options, model.scheduler_config.num_train_timesteps)
+        .map_err(|e| ApiError::bad("steps", e.to_string()))?;
+    if walk.len() > MAX_WALK {
+        return Err(ApiError::bad(
+            "jump_n_sample",
+            format!(
+                "the walk would take {} UNet calls; at most {MAX_WALK} (fewer steps or samples)",
+                walk.len()
+            ),
+        ));
+    }
+    let mut inputs = Vec::new();
+    for key in ["image", "mask"] {
+        let url = object
+            .get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad(key, format!("{key}: give an image as a data URL")))?;
+        inputs.push(decode_image(key, url, model)?);
+    }
+    let internal_err = |e: candle_core::Error| internal(e.to_string());
+    let shape = pipeline::noise_shape(&model.unet, n).map_err(|e| internal(e.to_string()))?;
+    let image = inputs[0]
+        .broadcast_as(shape.to_vec())
+        .and_then(|t| t.contiguous())
+        .map_err(internal_err)?;
+    // the mask's mean over channels, kept from 50% grey up
+    let mask = inputs[1]
+        .mean_keepdim(1)
+        .and_then(|m| m.ge(0.0))
+        .and_then(|m| m.to_dtype(candle_core::DType::F32))
+        .map_err(internal_err)?;
+    let permit = shared
+        .queue
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&shared))?;
+    let job = shared.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _turn = job
+            .sampling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let x = pipeline::repaint(
+            &job.model.unet,
+            &job.model.scheduler_config,
+            &options,
+            &image,
+            &mask,
+            &mut Generator::per_image(seed, 0, n),
+            &mut |_, _| Ok(()),
+        )?;
+        Ok::<_, ddim::Error>(json!({"images": data_urls(&x)?, "walk": walk.len()}))
+    })
+    .await
+    .map_err(|e| internal(format!("the inpainting stopped: {e}")))?
+    .map_err(|e| internal(format!("the inpainting failed: {e}")))?;
     Ok(Json(result))
 }
 

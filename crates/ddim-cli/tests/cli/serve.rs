@@ -872,3 +872,83 @@ fn serve_page_works_in_headless_chromium() {
     let (status, _) = b.driver.get_delete(&format!("/session/{}", b.session));
     assert_eq!(status, 200);
 }
+
+/// `POST /api/inpaint` gives the repaintings of `ddim inpaint`; a walk past the limit is refused.
+#[test]
+fn serve_inpaints_as_the_cli_does() {
+    let server = Server::start(&[]);
+    let dir = tmp("serve-inpaint");
+    let img = dir.join("x.png");
+    let mask = dir.join("m.png");
+    image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb([(x * 30) as u8, (y * 30) as u8, 77])
+    })
+    .save(&img)
+    .unwrap();
+    image::GrayImage::from_fn(8, 8, |_, y| image::Luma([if y < 5 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let url = |p: &std::path::Path| {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap())
+        )
+    };
+    let body = serde_json::json!({"image": url(&img), "mask": url(&mask), "steps": 10,
+        "jump_length": 3, "jump_n_sample": 2, "seed": 5, "n": 2});
+    let (status, text) = server.post("/api/inpaint", body.to_string().as_bytes());
+    assert_eq!(status, 200, "{text}");
+    let got: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(got["walk"], 28);
+    let out = dir.join("cli.png");
+    let o = ddim(&[
+        "inpaint",
+        "--model",
+        tiny_model(),
+        "-i",
+        img.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--jump-length",
+        "3",
+        "--jump-n-sample",
+        "2",
+        "--seed",
+        "5",
+        "-n",
+        "2",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let row = image::open(&out).unwrap().to_rgb8();
+    for (k, url) in got["images"].as_array().unwrap().iter().enumerate() {
+        for (x, y, p) in png_of(url).enumerate_pixels() {
+            assert_eq!(row.get_pixel(2 + k as u32 * 10 + x, 2 + y), p, "image {k}");
+        }
+    }
+    for (body, field) in [
+        (serde_json::json!({"image": url(&img)}), "mask"),
+        (
+            serde_json::json!({"image": url(&img), "mask": url(&mask), "steps": 250,
+            "jump_n_sample": 100}),
+            "jump_n_sample",
+        ),
+        (
+            serde_json::json!({"image": url(&img), "mask": url(&mask), "eta": -1}),
+            "eta",
+        ),
+        (
+            serde_json::json!({"image": url(&img), "mask": url(&mask), "n": 99}),
+            "n",
+        ),
+    ] {
+        let (status, text) = server.post("/api/inpaint", body.to_string().as_bytes());
+        assert_eq!(status, 400, "{text}");
+        let e: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e["field"], field, "{e}");
+    }
+}
