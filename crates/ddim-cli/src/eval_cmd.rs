@@ -67,8 +67,10 @@ pub struct EvalArgs {
     /// What to run: the quality table over η and steps (the paper's Table 1), consistency
     /// (§5.2: the same x_T at every --steps count, distance to the most steps' image, per
     /// --sampler and η), reconstruction (§5.4: --data images inverted and decoded at each
-    /// --steps count, the error against S) or nfe (quality and distance to the ODE's solution
-    /// against UNet calls, per --sampler, with each sampler's fitted order).
+    /// --steps count, the error against S), nfe (quality and distance to the ODE's solution
+    /// against UNet calls, per --sampler, with each sampler's fitted order) or interpolation
+    /// (§5.3 on real images: pairs of --data images inverted at the first --steps count, the
+    /// slerp between their x_T decoded, a strip per pair).
     #[arg(long, value_enum, default_value = "table")]
     pub experiment: Experiment,
     /// The samplers of the consistency and nfe experiments, comma-separated (short or diffusers
@@ -98,6 +100,7 @@ pub enum Experiment {
     Consistency,
     Reconstruction,
     Nfe,
+    Interpolation,
 }
 
 impl Experiment {
@@ -107,6 +110,7 @@ impl Experiment {
             Experiment::Consistency => "consistency",
             Experiment::Reconstruction => "reconstruction",
             Experiment::Nfe => "nfe",
+            Experiment::Interpolation => "interpolation",
         }
     }
 }
@@ -116,6 +120,7 @@ impl EvalArgs {
     pub fn n(&self) -> usize {
         self.num_samples.unwrap_or(match self.experiment {
             Experiment::Table | Experiment::Nfe => 1000,
+            Experiment::Interpolation => 8,
             _ => 64,
         })
     }
@@ -127,6 +132,7 @@ impl EvalArgs {
         }
         match self.experiment {
             Experiment::Nfe => vec![5, 10, 15, 20, 50, 100],
+            Experiment::Interpolation => vec![50],
             _ => vec![10, 20, 50, 100, 1000],
         }
     }

@@ -14,6 +14,10 @@
 //!   the first 64 images to DDIM's (η = 0) at `--reference-steps` from the same x_T: how far the
 //!   sampler is from the probability-flow ODE's solution, with the order p fitted to
 //!   distance ∝ NFE^-p.
+//! - interpolation (§5.3 on real images): `-n` images of `--data` paired (image 0 with n-1, 1
+//!   with n-2, ...), each pair inverted by DDIM at the first `--steps` count, the great circle
+//!   between the two x_T decoded at η = 0 in 8 frames; a strip per pair and each frame's
+//!   distance to the two ends' reconstructions.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -49,11 +53,9 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
     model.check_scheduler_class()?;
     let shape = pipeline::noise_shape(&model.unet, 1)?;
     let real = match experiment {
-        Experiment::Reconstruction | Experiment::Nfe => Some(crate::eval_cmd::open_real(
-            args.data()?,
-            shape[1],
-            shape[2],
-        )?),
+        Experiment::Reconstruction | Experiment::Nfe | Experiment::Interpolation => Some(
+            crate::eval_cmd::open_real(args.data()?, shape[1], shape[2])?,
+        ),
         _ => None,
     };
     let rows = match experiment {
@@ -90,6 +92,11 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
             let evaluator = crate::eval_cmd::real_statistics(&real, args.k)?;
             nfe(args, &model, &rows, &steps, &evaluator, &out)?;
         }
+        (Experiment::Interpolation, Some(real)) => {
+            record.set("data", args.data()?);
+            write_record(&out.join(RECORD_NAME), &record)?;
+            interpolation(args, &model, &real, steps[0], &out)?;
+        }
         (Experiment::Reconstruction, Some(real)) => {
             record.set("data", args.data()?);
             write_record(&out.join(RECORD_NAME), &record)?;
@@ -104,6 +111,11 @@ pub fn run(args: &EvalArgs, experiment: Experiment) -> Result<()> {
 fn output_files(experiment: Experiment) -> [&'static str; 3] {
     match experiment {
         Experiment::Nfe => ["nfe.csv", "nfe.png", "nfe_grid.png"],
+        Experiment::Interpolation => [
+            "interpolation.csv",
+            "interpolation.png",
+            "interpolation_grid.png",
+        ],
         Experiment::Reconstruction => [
             "reconstruction.csv",
             "reconstruction.png",
@@ -127,6 +139,13 @@ fn check_steps(args: &EvalArgs) -> Result<Vec<usize>> {
     }
     if args.n() == 0 {
         return Err(UsageError("-n 0: the experiment needs at least one image".into()).into());
+    }
+    if args.experiment == Experiment::Interpolation && args.n() < 2 {
+        return Err(UsageError(format!(
+            "-n {}: the interpolation experiment pairs images; give at least 2",
+            args.n()
+        ))
+        .into());
     }
     if args.experiment == Experiment::Nfe && args.reference_steps == 0 {
         return Err(UsageError("--reference-steps 0: must be at least 1".into()).into());
@@ -629,6 +648,121 @@ fn nfe(
     eprintln!(
         "wrote {}, {} and {} (one line per sampler and NFE)",
         out.join("nfe.csv").display(),
+        png.display(),
+        grid.display()
+    );
+    Ok(())
+}
+
+/// Frames of each interpolation strip, both ends included.
+const FRAMES: usize = 8;
+
+/// §5.3 on real images: pairs inverted, the slerp between their x_T decoded.
+fn interpolation(
+    args: &EvalArgs,
+    model: &common::Model,
+    real: &Dataset,
+    steps: usize,
+    out: &Path,
+) -> Result<()> {
+    let n = args.n().min(real.len);
+    if n < 2 {
+        return Err(UsageError(format!(
+            "-n {n}: the interpolation experiment pairs images; give at least 2"
+        ))
+        .into());
+    }
+    let x0 = evenly_spaced(real, n)?.to_device(&model.device)?;
+    let pairs = n / 2;
+    let bar = common::progress(
+        (pairs * (2 + FRAMES) * steps) as u64,
+        args.model.quiet,
+        "interpolation",
+        "image-steps",
+    );
+    let options = SampleOptions {
+        num_inference_steps: steps,
+        ..SampleOptions::default()
+    };
+    let mut strips = Vec::new();
+    let mut csv = String::from("pair,frame,alpha,mse_to_a,mse_to_b\n");
+    // (alpha, mean distance to a, to b)
+    let mut curves = vec![(0.0, 0.0, 0.0); FRAMES];
+    for p in 0..pairs {
+        let ends = Tensor::cat(&[x0.narrow(0, p, 1)?, x0.narrow(0, n - 1 - p, 1)?], 0)?;
+        let x_t = pipeline::invert(
+            &model.unet,
+            &model.scheduler_config,
+            &ends,
+            steps,
+            None,
+            &mut |_| {
+                bar.inc(2);
+                Ok(())
+            },
+        )?;
+        let z =
+            pipeline::interpolation_noise(&x_t.narrow(0, 0, 1)?, &x_t.narrow(0, 1, 1)?, FRAMES)?;
+        let mut scheduler = pipeline::scheduler_for(&model.scheduler_config, &options)?;
+        // DDIM at η = 0 draws no noise: no generator.
+        let frames =
+            pipeline::denoise(&model.unet, scheduler.as_mut(), z, None, None, &mut |_| {
+                bar.inc(FRAMES as u64);
+                Ok(())
+            })?;
+        let (a, b) = (frames.narrow(0, 0, 1)?, frames.narrow(0, FRAMES - 1, 1)?);
+        for (k, curve) in curves.iter_mut().enumerate() {
+            let f = frames.narrow(0, k, 1)?;
+            let alpha = k as f64 / (FRAMES - 1) as f64;
+            let (da, db) = (image_mse(&f, &a)?, image_mse(&f, &b)?);
+            let _ = writeln!(csv, "{p},{k},{alpha:.4},{da:.8},{db:.8}");
+            curve.0 = alpha;
+            curve.1 += da / pairs as f64;
+            curve.2 += db / pairs as f64;
+        }
+        // the strip: the real a, the frames, the real b
+        strips.extend(grid_row(&ends.narrow(0, 0, 1)?, 1)?);
+        strips.extend(grid_row(&frames, FRAMES)?);
+        strips.extend(grid_row(&ends.narrow(0, 1, 1)?, 1)?);
+    }
+    bar.finish_and_clear();
+    write_text(&out.join("interpolation.csv"), &csv)?;
+    let chart = LineChart {
+        title: format!("frames between two inverted real images ({pairs} pairs, {steps} steps)"),
+        x_label: "alpha (0: image a, 1: image b)".into(),
+        y_label: "mean per-dimension MSE, [0, 1] scale".into(),
+        log_x: false,
+        log_y: false,
+        series: vec![
+            Series {
+                name: "to a's reconstruction".into(),
+                points: curves.iter().map(|c| (c.0, c.1)).collect(),
+            },
+            Series {
+                name: "to b's reconstruction".into(),
+                points: curves.iter().map(|c| (c.0, c.2)).collect(),
+            },
+        ],
+    };
+    let png = out.join("interpolation.png");
+    plot::save_line_chart(&png, &chart, (720, 480))
+        .with_context(|| format!("writing {}", png.display()))?;
+    let grid = out.join("interpolation_grid.png");
+    image_io::save_png(&image_io::make_grid(&strips, Some(FRAMES + 2), 2)?, &grid)?;
+    let mut table = String::from("alpha     to a      to b");
+    for c in &curves {
+        let _ = write!(table, "\n{:<6.3}{:>9.5}{:>10.5}", c.0, c.1, c.2);
+    }
+    say!(
+        "interpolation by {} between {pairs} pairs of {} images (DDIM inversion and decoding at \
+         {steps} steps, slerp between the x_T): mean per-dimension MSE of each frame to the \
+         ends' reconstructions\n{table}",
+        model.source,
+        real.source
+    );
+    eprintln!(
+        "wrote {}, {} and {} (a line per pair: real a, {FRAMES} frames, real b)",
+        out.join("interpolation.csv").display(),
         png.display(),
         grid.display()
     );

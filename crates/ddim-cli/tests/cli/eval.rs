@@ -550,3 +550,58 @@ fn eval_nfe_ladder_counts_unet_calls_per_sampler() {
     assert!(stderr(&o).contains("--reference-steps 0"), "{}", stderr(&o));
     assert!(!bad.exists());
 }
+
+/// `--experiment interpolation`: pairs of real images, a strip per pair, the end frames at
+/// distance 0 from themselves and the frames moving from a to b.
+#[test]
+fn eval_interpolation_strips_between_real_images() {
+    let real = image_folder("eval-interp-real", 4, 8, 3);
+    let base = tmp("eval-interp");
+    let out = base.join("i");
+    let o = ddim(&[
+        "eval",
+        "--model",
+        tiny_model(),
+        "--experiment",
+        "interpolation",
+        "--data",
+        real.to_str().unwrap(),
+        "--steps",
+        "5",
+        "-n",
+        "4",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&out.join("interpolation.csv"));
+    assert_eq!(rows[0], ["pair", "frame", "alpha", "mse_to_a", "mse_to_b"]);
+    assert_eq!(rows.len(), 1 + 2 * 8);
+    for pair in ["0", "1"] {
+        let mine: Vec<&Vec<String>> = rows[1..].iter().filter(|r| r[0] == pair).collect();
+        let f = |r: &Vec<String>, i: usize| r[i].parse::<f64>().unwrap();
+        assert_eq!(f(mine[0], 3), 0.0);
+        assert_eq!(f(mine[7], 4), 0.0);
+        assert!(f(mine[7], 3) > 0.0 && f(mine[0], 4) > 0.0);
+    }
+    // two strips of real a, 8 frames, real b (8×8 images enlarged 2×)
+    let grid = image::open(out.join("interpolation_grid.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (10 * 18 + 2, 2 * 18 + 2));
+    let o = ddim(&[
+        "eval",
+        "--model",
+        tiny_model(),
+        "--experiment",
+        "interpolation",
+        "--data",
+        real.to_str().unwrap(),
+        "-n",
+        "1",
+        "-q",
+        "-o",
+        base.join("bad").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!base.join("bad").exists());
+}
