@@ -477,41 +477,23 @@ async fn invert(
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad("image", "image: give the image as a data URL"))?;
     let x0 = decode_image("image", image, &shared.model)?;
-    let permit = shared
-        .queue
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&shared))?;
-    let job = shared.clone();
-    let failed = |e: String| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        field: None,
-        message: format!("the inversion failed: {e}"),
-    };
-    let result = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _turn = job
-            .sampling
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = blocking_job(&shared, "inversion", move |model| {
         let x_t = pipeline::invert(
-            &job.model.unet,
-            &job.model.scheduler_config,
+            &model.unet,
+            &model.scheduler_config,
             &x0,
             steps,
             None,
             &mut |_| Ok(()),
         )?;
         // a preview of x_T: unit variance shown as [-1, 1] / 3
-        Ok::<_, ddim::Error>(json!({
+        Ok(json!({
             "steps": steps,
             "x_t": encode_f32s(&x_t)?,
             "x_t_image": data_urls(&x_t.affine(1.0 / 3.0, 0.0)?)?[0],
         }))
     })
-    .await
-    .map_err(|e| failed(e.to_string()))?
-    .map_err(|e| failed(e.to_string()))?;
+    .await?;
     Ok(Json(result))
 }
 
@@ -562,19 +544,7 @@ async fn interpolate(
             .ok_or_else(|| ApiError::bad(key, format!("{key}: give an image as a data URL")))?;
         ends.push(decode_image(key, url, &shared.model)?);
     }
-    let permit = shared
-        .queue
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&shared))?;
-    let job = shared.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _turn = job
-            .sampling
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let model = &job.model;
+    let result = blocking_job(&shared, "interpolation", move |model| {
         let inverted = ends
             .iter()
             .map(|x0| {
@@ -598,11 +568,9 @@ async fn interpolate(
         let x = pipeline::denoise(&model.unet, scheduler.as_mut(), z, None, None, &mut |_| {
             Ok(())
         })?;
-        Ok::<_, ddim::Error>(json!({"steps": steps, "frames": data_urls(&x)?}))
+        Ok(json!({"steps": steps, "frames": data_urls(&x)?}))
     })
-    .await
-    .map_err(|e| internal(format!("the interpolation stopped: {e}")))?
-    .map_err(|e| internal(format!("the interpolation failed: {e}")))?;
+    .await?;
     Ok(Json(result))
 }
 
@@ -697,33 +665,46 @@ async fn inpaint(
         .and_then(|m| m.ge(0.0))
         .and_then(|m| m.to_dtype(candle_core::DType::F32))
         .map_err(internal_err)?;
-    let permit = shared
-        .queue
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&shared))?;
-    let job = shared.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _turn = job
-            .sampling
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = blocking_job(&shared, "inpainting", move |model| {
         let x = pipeline::repaint(
-            &job.model.unet,
-            &job.model.scheduler_config,
+            &model.unet,
+            &model.scheduler_config,
             &options,
             &image,
             &mask,
             &mut Generator::per_image(seed, 0, n),
             &mut |_, _| Ok(()),
         )?;
-        Ok::<_, ddim::Error>(json!({"images": data_urls(&x)?, "walk": walk.len()}))
+        Ok(json!({"images": data_urls(&x)?, "walk": walk.len()}))
+    })
+    .await?;
+    Ok(Json(result))
+}
+
+/// Runs `work` on a blocking thread in its turn: a place in the queue (or 429), then the
+/// sampling lock; its errors become HTTP 500 naming `what`.
+async fn blocking_job<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    what: &'static str,
+    work: impl FnOnce(&Model) -> ddim::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit = shared
+        .queue
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(shared))?;
+    let job = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _turn = job
+            .sampling
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        work(&job.model)
     })
     .await
-    .map_err(|e| internal(format!("the inpainting stopped: {e}")))?
-    .map_err(|e| internal(format!("the inpainting failed: {e}")))?;
-    Ok(Json(result))
+    .map_err(|e| internal(format!("the {what} stopped: {e}")))?
+    .map_err(|e| internal(format!("the {what} failed: {e}")))
 }
 
 fn internal(message: String) -> ApiError {
