@@ -15,9 +15,9 @@ driver=$!
 trap 'kill $server $driver 2>/dev/null || true' EXIT
 sleep 2
 W=http://127.0.0.1:$wd
-post() { curl -sf -X POST "$W/session/$sid$1" -H 'Content-Type: application/json' -d "$2"; }
+post() { curl -sf -X POST "$W/session$sid$1" -H 'Content-Type: application/json' -d "$2"; }
 js() { post /execute/sync "{\"script\": \"$1\", \"args\": []}"; }
-sid=$(curl -sf -X POST $W/session -H 'Content-Type: application/json' -d '{"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1180,820"]}}}}' | grep -o '"sessionId":"[^"]*"' | cut -d'"' -f4)
+sid=$(curl -sf -X POST $W/session -H 'Content-Type: application/json' -d '{"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1180,1250"]}}}}' | grep -o '"sessionId":"[^"]*"' | cut -d'"' -f4)
 sid=/$sid
 post /url "{\"url\": \"http://127.0.0.1:$port/\"}" >/dev/null
 sleep 1
