@@ -536,7 +536,7 @@ fn nfe(
         let mse = image_mse(&x.narrow(0, 0, m)?, &reference)?;
         bar.suspend(|| {
             eprintln!(
-                "{:<10} {calls:>4} calls ({s} steps): FD(pixels) {:.3}, distance to the ODE                  solution {mse:.6}",
+                "{:<10} {calls:>4} calls ({s} steps): FD(pixels) {:.3}, distance to the ODE solution {mse:.6}",
                 row.label, scores.fd_pixels
             )
         });
