@@ -131,9 +131,7 @@ impl Model {
         .with_context(|| format!("sampling images {start}..{}", start + len))?;
         Ok(x0)
     }
-}
 
-impl Model {
     /// SDEdit samples of `len` images from `init` (1, c, h, w) at `strength`
     /// ([`ddim::pipeline::sdedit`]), every image with its own noise from `generator`.
     pub fn sdedit_batch(
@@ -160,6 +158,91 @@ impl Model {
                 Ok(())
             },
         )?)
+    }
+
+    /// DDIM inversion of `x0` at `steps` steps (its scheduler config), with a progress bar
+    /// unless `quiet`.
+    pub fn invert(
+        &self,
+        x0: &Tensor,
+        steps: usize,
+        labels: Option<&Tensor>,
+        quiet: bool,
+    ) -> Result<Tensor> {
+        let bar = progress(steps as u64, quiet, "inverting", "steps");
+        let x_t = ddim::pipeline::invert(
+            &self.unet,
+            &self.scheduler_config,
+            x0,
+            steps,
+            labels,
+            &mut |_| {
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
+        bar.finish_and_clear();
+        Ok(x_t)
+    }
+
+    /// A SHA-256 of the UNet's config and weights files (of the embedded bytes for the built-in
+    /// model): the model's identity in a run record, wherever the folder is.
+    pub fn sha256(&self) -> Result<String> {
+        let Some(files) = &self.files else {
+            return Ok(crate::run_record::sha256_hex([
+                builtin::CONFIG.as_bytes(),
+                builtin::WEIGHTS,
+            ]));
+        };
+        unet_files_sha256(files)
+    }
+
+    /// A run record of `command` holding what every command that runs this model records: the
+    /// model's hash, the scheduler config as `kind` reads it (`scheduler.*`) and the dtype; the
+    /// model's source and the device as notes.
+    pub fn run_record(
+        &self,
+        command: &str,
+        kind: ddim::scheduler::SchedulerKind,
+        compute: &ComputeArgs,
+    ) -> Result<crate::run_record::RunRecord> {
+        let mut r = crate::run_record::RunRecord::new(command);
+        r.set("model_sha256", self.sha256()?)
+            .set_all("scheduler", &self.scheduler_config.to_json(kind))
+            .set("dtype", compute.dtype.dtype().as_str());
+        r.note("model", self.source.clone()).note(
+            "device",
+            format!("{:?}", self.device.location()).to_lowercase(),
+        );
+        Ok(r)
+    }
+
+    /// Refuses a scheduler config whose `_class_name` is a sampler ddim does not implement:
+    /// diffusers' pipelines sample such a folder with that sampler, so DDIM in its place would
+    /// silently give other images. `DDPMScheduler` and `DDIMScheduler` configs are sampled with
+    /// DDIM by default, as `DDIMPipeline` does with a DDPM-trained model.
+    pub fn check_scheduler_class(&self) -> Result<()> {
+        let Some(name) = self.scheduler_config.class_name.as_deref() else {
+            return Ok(());
+        };
+        let implemented = ddim::scheduler::implemented_names();
+        if ddim::scheduler::SchedulerKind::from_class_name(name)
+            .is_some_and(|k| implemented.split(", ").any(|n| n == k.class_name()))
+        {
+            return Ok(());
+        }
+        let file = self
+            .scheduler_file
+            .as_ref()
+            .map_or_else(|| self.source.clone(), |p| p.display().to_string());
+        Err(UsageError(format!(
+            "{file}: the scheduler config names `{name}`, which ddim does not implement (yet); \
+             it reads {implemented} configs (DDPMScheduler configs are sampled with DDIM unless \
+             --scheduler says otherwise, as DDIMPipeline does). To sample this model anyway, \
+             pass --scheduler-config with one of those (e.g. `ddim schedule --save-config` \
+             writes one)"
+        ))
+        .into())
     }
 }
 
@@ -320,33 +403,6 @@ fn load_model_as(
     })
 }
 
-impl Model {
-    /// DDIM inversion of `x0` at `steps` steps (its scheduler config), with a progress bar
-    /// unless `quiet`.
-    pub fn invert(
-        &self,
-        x0: &Tensor,
-        steps: usize,
-        labels: Option<&Tensor>,
-        quiet: bool,
-    ) -> Result<Tensor> {
-        let bar = progress(steps as u64, quiet, "inverting", "steps");
-        let x_t = ddim::pipeline::invert(
-            &self.unet,
-            &self.scheduler_config,
-            x0,
-            steps,
-            labels,
-            &mut |_| {
-                bar.inc(1);
-                Ok(())
-            },
-        )?;
-        bar.finish_and_clear();
-        Ok(x_t)
-    }
-}
-
 /// A SHA-256 of a UNet's config and weights files (every shard), wherever the folder is.
 pub fn unet_files_sha256(files: &UNetFiles) -> Result<String> {
     let mut paths = vec![files.config.clone()];
@@ -360,68 +416,6 @@ pub fn unet_files_sha256(files: &UNetFiles) -> Result<String> {
         }
     }
     crate::run_record::sha256_files(&paths)
-}
-
-impl Model {
-    /// A SHA-256 of the UNet's config and weights files (of the embedded bytes for the built-in
-    /// model): the model's identity in a run record, wherever the folder is.
-    pub fn sha256(&self) -> Result<String> {
-        let Some(files) = &self.files else {
-            return Ok(crate::run_record::sha256_hex([
-                builtin::CONFIG.as_bytes(),
-                builtin::WEIGHTS,
-            ]));
-        };
-        unet_files_sha256(files)
-    }
-
-    /// A run record of `command` holding what every command that runs this model records: the
-    /// model's hash, the scheduler config as `kind` reads it (`scheduler.*`) and the dtype; the
-    /// model's source and the device as notes.
-    pub fn run_record(
-        &self,
-        command: &str,
-        kind: ddim::scheduler::SchedulerKind,
-        compute: &ComputeArgs,
-    ) -> Result<crate::run_record::RunRecord> {
-        let mut r = crate::run_record::RunRecord::new(command);
-        r.set("model_sha256", self.sha256()?)
-            .set_all("scheduler", &self.scheduler_config.to_json(kind))
-            .set("dtype", compute.dtype.dtype().as_str());
-        r.note("model", self.source.clone()).note(
-            "device",
-            format!("{:?}", self.device.location()).to_lowercase(),
-        );
-        Ok(r)
-    }
-
-    /// Refuses a scheduler config whose `_class_name` is a sampler ddim does not implement:
-    /// diffusers' pipelines sample such a folder with that sampler, so DDIM in its place would
-    /// silently give other images. `DDPMScheduler` and `DDIMScheduler` configs are sampled with
-    /// DDIM by default, as `DDIMPipeline` does with a DDPM-trained model.
-    pub fn check_scheduler_class(&self) -> Result<()> {
-        let Some(name) = self.scheduler_config.class_name.as_deref() else {
-            return Ok(());
-        };
-        let implemented = ddim::scheduler::implemented_names();
-        if ddim::scheduler::SchedulerKind::from_class_name(name)
-            .is_some_and(|k| implemented.split(", ").any(|n| n == k.class_name()))
-        {
-            return Ok(());
-        }
-        let file = self
-            .scheduler_file
-            .as_ref()
-            .map_or_else(|| self.source.clone(), |p| p.display().to_string());
-        Err(UsageError(format!(
-            "{file}: the scheduler config names `{name}`, which ddim does not implement (yet); \
-             it reads {implemented} configs (DDPMScheduler configs are sampled with DDIM unless \
-             --scheduler says otherwise, as DDIMPipeline does). To sample this model anyway, \
-             pass --scheduler-config with one of those (e.g. `ddim schedule --save-config` \
-             writes one)"
-        ))
-        .into())
-    }
 }
 
 fn read_scheduler_config(path: &Path) -> Result<SchedulerConfig> {
